@@ -1,0 +1,291 @@
+"""The FastAPI app factory: endpoints, the one error handler, the lifespan.
+
+``create_app(settings)`` builds everything from the one ``Settings`` object;
+nothing here reads the environment or keeps module-level state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proxy import __version__
+from proxy.accesslog import AccessLogMiddleware, RequestRecord
+from proxy.auth import KeyRing, Principal
+from proxy.backends.base import SSEStream
+from proxy.config import Settings
+from proxy.errors import CablectlError, InvalidRequest, PermissionDenied, RequestTooLarge
+from proxy.routing import ModelRouter
+from proxy.schemas import ChatCompletionRequest
+
+__all__ = ["create_app", "error_response"]
+
+log = logging.getLogger("cablectl.app")
+
+
+def error_response(exc: CablectlError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.http_status)
+
+
+def _openai_error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def _invalid_from_validation(exc: ValidationError | RequestValidationError) -> InvalidRequest:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = tuple(p for p in first.get("loc", ()) if p != "body")
+    # drop pydantic's union-branch names ("str", "list[...]") from the location
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "list"})))
+    param = _param_of(loc)
+    msg = str(first.get("msg", "invalid value"))
+    where = f"'{param}'" if param else "the request body"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return InvalidRequest(f"Invalid value for {where}: {msg}{more}", param=param)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(
+            f"Request body is {declared} bytes; this proxy accepts at most {limit} "
+            "(server.max_request_body_bytes in config.yaml)"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(
+                f"Request body is over {limit} bytes, the most this proxy accepts "
+                "(server.max_request_body_bytes in config.yaml)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc.msg}). "
+            "Send a JSON object with 'model' and 'messages'."
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object with 'model' and 'messages'.")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid_from_validation(exc) from exc
+    return data, request
+
+
+def _chat_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request body's OpenAPI (the endpoint parses it itself) and its component schemas."""
+    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs: dict[str, Any] = schema.pop("$defs", {})
+    defs["ChatCompletionRequest"] = schema
+    body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        }
+    }
+    return body, defs
+
+
+def create_app(settings: Settings) -> FastAPI:
+    router = ModelRouter(settings)
+    keyring = KeyRing(settings.keys)
+    body_limit = settings.server.max_request_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)
+        try:
+            yield
+        finally:
+            await router.aclose()
+
+    app = FastAPI(
+        title="cablectl",
+        version=__version__,
+        summary="OpenAI-compatible proxy that gives any model code actions",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.router = router
+    app.add_middleware(AccessLogMiddleware)
+
+    @app.exception_handler(CablectlError)
+    async def _cablectl_error(request: Request, exc: CablectlError) -> JSONResponse:
+        record: RequestRecord | None = getattr(request.state, "record", None)
+        if record is not None:
+            record.error = exc.error_code or exc.type
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_invalid_from_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _openai_error(
+                404, f"Unknown request URL: {request.method} {request.url.path}.", "invalid_request_error", "unknown_url"
+            )
+        if exc.status_code == 405:
+            return _openai_error(
+                405, f"Method {request.method} is not allowed on {request.url.path}.", "invalid_request_error", "method_not_allowed"
+            )
+        return _openai_error(exc.status_code, str(exc.detail), "invalid_request_error", None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # the one boundary where anything is caught: log it whole, answer without a traceback
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _openai_error(500, "The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
+
+    def principal_for(request: Request) -> Principal:
+        principal = keyring.authenticate(request.headers)
+        record: RequestRecord = request.state.record
+        record.key_id = principal.key_id
+        return principal
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready() -> JSONResponse:
+        """Readiness: every model is loaded (local) or configured (remote)."""
+        models = router.ready()
+        ok = all(models.values())
+        return JSONResponse({"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503)
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "cablectl"}
+
+    @app.get("/v1/models", tags=["openai"])
+    @app.get("/models", include_in_schema=False)
+    async def list_models(request: Request) -> dict[str, Any]:
+        """The models this key may use."""
+        principal = principal_for(request)
+        return {"object": "list", "data": [model_card(n) for n in router.names() if principal.may_use(n)]}
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        principal = principal_for(request)
+        principal.check_model(model_id)
+        router.get(model_id)
+        return model_card(model_id)
+
+    chat_openapi, component_defs = _chat_openapi()
+
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions, streamed (SSE) or not."""
+        record: RequestRecord = request.state.record
+        principal = principal_for(request)
+        raw = await _read_body(request, body_limit)
+        payload, chat = _parse_request(raw)
+        record.model = chat.model
+        record.stream = bool(chat.stream)
+        if not principal.may_use(chat.model):
+            raise PermissionDenied(
+                f"API key {principal.key_id!r} may not use model {chat.model!r}; "
+                "add it to that key's 'models' in config.yaml or use another key",
+                param="model",
+            )
+        if not chat.stream:
+            body = await router.complete(payload, chat, record.clock)
+            return Response(body, media_type="application/json")
+        stream = await router.open_stream(payload, chat, record.clock)
+        return StreamingResponse(
+            _relay(stream, record),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    for path, in_schema in (("/v1/chat/completions", True), ("/chat/completions", False)):
+        app.add_api_route(
+            path,
+            chat_completions,
+            methods=["POST"],
+            tags=["openai"],
+            include_in_schema=in_schema,
+            openapi_extra=chat_openapi,
+            response_model=None,
+        )
+
+    original_openapi = app.openapi
+
+    def openapi_with_defs() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(component_defs)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_with_defs  # type: ignore[method-assign]
+    return app
+
+
+async def _relay(stream: SSEStream, record: RequestRecord) -> AsyncIterator[bytes]:
+    """Forward upstream SSE bytes as they arrive; a failure mid-stream becomes an error event."""
+    clock = record.clock
+    iterator = stream.__aiter__()
+    try:
+        while True:
+            waited = time.perf_counter()
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            finally:
+                clock.ms += (time.perf_counter() - waited) * 1000
+            yield chunk
+    except CablectlError as exc:
+        record.error = exc.error_code or exc.type
+        log.warning("stream for %s failed: %s", record.model, exc.message)
+        yield b"data: " + orjson.dumps(exc.to_body()) + b"\n\n"
+    except Exception:  # the stream's own boundary: the status line has already gone out
+        record.error = "internal_error"
+        log.exception("stream for %s failed", record.model)
+        body = {"error": {"message": "The stream failed inside the proxy; it has been logged.", "type": "server_error", "param": None, "code": "internal_error"}}
+        yield b"data: " + orjson.dumps(body) + b"\n\n"
+    finally:
+        # shielded: a client that went away cancels this task, and the upstream
+        # connection or the local model context must still be given back
+        with anyio.CancelScope(shield=True):
+            try:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                await stream.aclose()

@@ -1,0 +1,136 @@
+"""Providers that need translation (Anthropic, Gemini, Bedrock, ...) through litellm's Router.
+
+litellm is imported only when a route uses it: the import costs seconds.
+The Router gets every litellm route and ``router_settings`` (retries, timeouts,
+...); fallbacks across routes of any kind are done by ``proxy.routing``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+
+from proxy.backends.base import ModelBackend, SSEStream, error_from_upstream
+from proxy.config import ModelEntry, RouterSettings
+from proxy.errors import CablectlError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.schemas import ChatCompletionRequest
+
+__all__ = ["LiteLLMBackend", "LiteLLMRouter"]
+
+# Settings of ours that litellm must not see.
+_LOCAL_ONLY = {"model_path", "n_ctx", "n_threads", "n_batch", "n_contexts"}
+# cablectl applies these itself on every route
+_ROUTER_OWN = {"fallbacks"}
+
+
+def _import_litellm() -> Any:
+    # litellm fetches a price list from the network on import unless told not to;
+    # this proxy runs offline.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class LiteLLMRouter:
+    """One litellm Router shared by every litellm route of the app."""
+
+    def __init__(self, entries: Sequence[ModelEntry], router_settings: RouterSettings) -> None:
+        self._entries = list(entries)
+        self._settings = router_settings
+        self.router: Any = None
+        self.litellm: Any = None
+
+    def start(self) -> None:
+        if self.router is not None or not self._entries:
+            return
+        self.litellm = _import_litellm()
+        model_list = [
+            {
+                "model_name": entry.model_name,
+                "litellm_params": {
+                    k: v
+                    for k, v in entry.litellm_params.model_dump(exclude_unset=True).items()
+                    if k not in _LOCAL_ONLY and v is not None
+                },
+            }
+            for entry in self._entries
+        ]
+        settings = {k: v for k, v in self._settings.model_dump().items() if k not in _ROUTER_OWN}
+        self.router = self.litellm.Router(model_list=model_list, **settings)
+
+    def map_error(self, exc: Exception, model_name: str) -> CablectlError | None:
+        """A litellm exception as a cablectl error, or None if it is not litellm's."""
+        exceptions = self.litellm.exceptions
+        if isinstance(exc, exceptions.Timeout):
+            return UpstreamTimeout(f"The upstream for model {model_name!r} timed out: {exc}")
+        if isinstance(exc, exceptions.APIConnectionError):
+            return UpstreamUnavailable(f"Cannot reach the upstream for model {model_name!r}: {exc}")
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 600:
+            message = getattr(exc, "message", None) or str(exc)
+            return error_from_upstream(status, orjson.dumps({"error": {"message": message}}), model_name)
+        return None
+
+
+class _LiteLLMStream(SSEStream):
+    def __init__(self, wrapper: Any, backend: LiteLLMBackend) -> None:
+        self._wrapper = wrapper
+        self._backend = backend
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._wrapper:
+                yield b"data: " + chunk.model_dump_json(exclude_none=False).encode() + b"\n\n"
+        except CablectlError:
+            raise
+        except Exception as exc:  # litellm raises its own tree; map it, keep the cause
+            mapped = self._backend.router_holder.map_error(exc, self._backend.name)
+            raise (mapped or UpstreamError(f"stream from {self._backend.name!r} failed: {exc}")) from exc
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        close = getattr(self._wrapper, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class LiteLLMBackend(ModelBackend):
+    retries_inside = True
+
+    def __init__(self, entry: ModelEntry, router_holder: LiteLLMRouter) -> None:
+        super().__init__(entry)
+        self.router_holder = router_holder
+
+    async def start(self) -> None:
+        self.router_holder.start()
+
+    def _kwargs(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in payload.items() if k not in ("model", "stream")}
+
+    async def complete(self, payload: dict[str, Any], request: ChatCompletionRequest) -> bytes:
+        try:
+            response = await self.router_holder.router.acompletion(model=self.name, **self._kwargs(payload))
+        except Exception as exc:  # litellm's exception tree, mapped to ours
+            mapped = self.router_holder.map_error(exc, self.name)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return response.model_dump_json().encode()  # type: ignore[no-any-return]
+
+    async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
+        try:
+            wrapper = await self.router_holder.router.acompletion(
+                model=self.name, stream=True, **self._kwargs(payload)
+            )
+        except Exception as exc:  # litellm's exception tree, mapped to ours
+            mapped = self.router_holder.map_error(exc, self.name)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return _LiteLLMStream(wrapper, self)

