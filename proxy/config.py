@@ -208,10 +208,10 @@ def resolve_env_refs(value: Any, env: Mapping[str, str], where: str = "") -> Any
     return value
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
     lines = [f"{source} is not a valid cablectl config:"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = prefix + ".".join(str(p) for p in err["loc"])
         lines.append(f"  {loc}: {err['msg']}")
     return "\n".join(lines)
 
@@ -260,6 +260,9 @@ def load_settings(
             server = ServerSettings.model_validate(
                 {**server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
             )
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source, prefix="server.")) from exc
+    try:
         settings = Settings.model_validate({**raw, "server": server, "source": source})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from exc

@@ -64,18 +64,34 @@ class LiteLLMRouter:
         settings = {k: v for k, v in self._settings.model_dump().items() if k not in _ROUTER_OWN}
         self.router = self.litellm.Router(model_list=model_list, **settings)
 
+    async def aclose(self) -> None:
+        """Close the HTTP clients litellm caches (they belong to this event loop)."""
+        if self.litellm is None:
+            return
+        await self.litellm.close_litellm_async_clients()
+        cache = getattr(self.litellm, "in_memory_llm_clients_cache", None)
+        if cache is not None and hasattr(cache, "flush_cache"):
+            cache.flush_cache()
+        self.router = None
+
     def map_error(self, exc: Exception, model_name: str) -> CablectlError | None:
         """A litellm exception as a cablectl error, or None if it is not litellm's."""
         exceptions = self.litellm.exceptions
+        message = _clean(getattr(exc, "message", None) or str(exc))
         if isinstance(exc, exceptions.Timeout):
-            return UpstreamTimeout(f"The upstream for model {model_name!r} timed out: {exc}")
+            return UpstreamTimeout(f"The upstream for model {model_name!r} timed out: {message}")
         if isinstance(exc, exceptions.APIConnectionError):
-            return UpstreamUnavailable(f"Cannot reach the upstream for model {model_name!r}: {exc}")
+            return UpstreamUnavailable(f"Cannot reach the upstream for model {model_name!r}: {message}")
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and 400 <= status < 600:
-            message = getattr(exc, "message", None) or str(exc)
             return error_from_upstream(status, orjson.dumps({"error": {"message": message}}), model_name)
         return None
+
+
+def _clean(message: str, limit: int = 600) -> str:
+    """litellm's messages can embed a traceback: a client never sees one."""
+    message = message.split("Traceback (most recent call last)", 1)[0].strip()
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 class _LiteLLMStream(SSEStream):
@@ -109,6 +125,9 @@ class LiteLLMBackend(ModelBackend):
 
     async def start(self) -> None:
         self.router_holder.start()
+
+    async def aclose(self) -> None:
+        await self.router_holder.aclose()
 
     def _kwargs(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in payload.items() if k not in ("model", "stream")}

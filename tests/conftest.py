@@ -1,0 +1,105 @@
+"""Shared fixtures: real uvicorn servers on free ports, a scripted upstream, a scrubbed env."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.app import create_app
+from proxy.config import Settings, load_settings
+from tests.servers import UvicornThread
+from tests.upstream import ScriptedUpstream
+
+SCRUBBED_PREFIXES = ("OPENAI_", "CABLECTL_", "ANTHROPIC_", "AZURE_", "LANGFUSE_", "ALICE_", "BOB_")
+
+
+@pytest.fixture(autouse=True)
+def _scrub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(SCRUBBED_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[tuple[ScriptedUpstream, UvicornThread]]:
+    app = ScriptedUpstream()
+    with UvicornThread(app, lifespan="off") as server:
+        yield app, server
+
+
+@pytest.fixture
+def upstream(upstream_server: tuple[ScriptedUpstream, UvicornThread]) -> Iterator[ScriptedUpstream]:
+    app, _ = upstream_server
+    app.reset()
+    yield app
+    app.reset()
+
+
+@pytest.fixture(scope="session")
+def upstream_url(upstream_server: tuple[ScriptedUpstream, UvicornThread]) -> str:
+    return upstream_server[1].url + "/v1"
+
+
+def write_config(tmp: Path, config: dict[str, Any]) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def settings_from(tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
+    return load_settings(write_config(tmp, config), env=env or {})
+
+
+ProxyFactory = Callable[..., UvicornThread]
+
+
+@pytest.fixture(scope="module")
+def make_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
+    """Start proxies from config dicts (written to a real config.yaml); all stopped at module end."""
+    started: list[UvicornThread] = []
+
+    def factory(config: dict[str, Any], env: dict[str, str] | None = None) -> UvicornThread:
+        settings = settings_from(tmp_path_factory.mktemp("cfg"), config, env)
+        server = UvicornThread(create_app(settings)).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+def upstream_models(upstream_url: str) -> list[dict[str, Any]]:
+    """The routes most tests use, all pointing at the scripted upstream."""
+    return [
+        {"model_name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream_url}},
+        {
+            "model_name": "renamed",
+            "litellm_params": {"model": "openai/upstream-name", "api_base": upstream_url, "api_key": "sk-up"},
+        },
+        {
+            "model_name": "via-litellm",
+            "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream_url, "api_key": "sk-up"},
+            "transport": "litellm",
+        },
+        {
+            "model_name": "slow",
+            "litellm_params": {"model": "openai/slow", "api_base": upstream_url, "timeout": 0.5},
+        },
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_uvicorn() -> None:
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
