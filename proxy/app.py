@@ -38,7 +38,9 @@ def error_response(exc: CablectlError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.http_status)
 
 
-def _openai_error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+def _openai_error(
+    status: int, message: str, type_: str, code: str | None, param: str | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
     )
@@ -112,7 +114,9 @@ def _chat_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
     body = {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
+            },
         }
     }
     return body, defs
@@ -157,11 +161,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return _openai_error(
-                404, f"Unknown request URL: {request.method} {request.url.path}.", "invalid_request_error", "unknown_url"
+                404,
+                f"Unknown request URL: {request.method} {request.url.path}.",
+                "invalid_request_error",
+                "unknown_url",
             )
         if exc.status_code == 405:
             return _openai_error(
-                405, f"Method {request.method} is not allowed on {request.url.path}.", "invalid_request_error", "method_not_allowed"
+                405,
+                f"Method {request.method} is not allowed on {request.url.path}.",
+                "invalid_request_error",
+                "method_not_allowed",
             )
         return _openai_error(exc.status_code, str(exc.detail), "invalid_request_error", None)
 
@@ -169,7 +179,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # the one boundary where anything is caught: log it whole, answer without a traceback
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _openai_error(500, "The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
+        return _openai_error(
+            500, "The proxy hit an internal error; it has been logged.", "server_error", "internal_error"
+        )
 
     def principal_for(request: Request) -> Principal:
         principal = keyring.authenticate(request.headers)
@@ -187,7 +199,9 @@ def create_app(settings: Settings) -> FastAPI:
         """Readiness: every model is loaded (local) or configured (remote)."""
         models = router.ready()
         ok = all(models.values())
-        return JSONResponse({"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503
+        )
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "cablectl"}
@@ -277,7 +291,14 @@ async def _relay(stream: SSEStream, record: RequestRecord) -> AsyncIterator[byte
     except Exception:  # the stream's own boundary: the status line has already gone out
         record.error = "internal_error"
         log.exception("stream for %s failed", record.model)
-        body = {"error": {"message": "The stream failed inside the proxy; it has been logged.", "type": "server_error", "param": None, "code": "internal_error"}}
+        body = {
+            "error": {
+                "message": "The stream failed inside the proxy; it has been logged.",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+        }
         yield b"data: " + orjson.dumps(body) + b"\n\n"
     finally:
         # shielded: a client that went away cancels this task, and the upstream

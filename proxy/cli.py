@@ -1,6 +1,6 @@
 """``cablectl``: the command line.
 
-    cablectl serve [--config PATH] [--host H] [--port P]
+cablectl serve [--config PATH] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument(
         "--config",
-        help="config.yaml (litellm model_list shape); default: $CABLECTL_CONFIG, else the embedded local model",
+        help="config.yaml (litellm model_list shape); default: $CABLECTL_CONFIG, else the embedded model",
     )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 4000)")

@@ -252,10 +252,7 @@ def load_settings(
         raw = {**raw, "model_list": DEFAULT_CONFIG["model_list"]}
     server_raw = dict(raw.get("server") or {})
     try:
-        if env is None:
-            server = ServerSettings(**server_raw)
-        else:
-            server = _server_from(server_raw, environ)
+        server = ServerSettings(**server_raw) if env is None else _server_from(server_raw, environ)
         if overrides:
             server = ServerSettings.model_validate(
                 {**server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}

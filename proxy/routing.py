@@ -117,9 +117,7 @@ class ModelRouter:
                     if not exc.retryable:
                         raise
                     last = exc
-                    log.warning(
-                        "model %s attempt %d failed: %s", backend.name, attempt + 1, exc.message
-                    )
+                    log.warning("model %s attempt %d failed: %s", backend.name, attempt + 1, exc.message)
                     if attempt + 1 < tries:
                         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
                     continue

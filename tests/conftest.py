@@ -78,7 +78,10 @@ def make_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactor
 def upstream_models(upstream_url: str) -> list[dict[str, Any]]:
     """The routes most tests use, all pointing at the scripted upstream."""
     return [
-        {"model_name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream_url}},
+        {
+            "model_name": "gpt-4o-mini",
+            "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream_url},
+        },
         {
             "model_name": "renamed",
             "litellm_params": {"model": "openai/upstream-name", "api_base": upstream_url, "api_key": "sk-up"},

@@ -60,7 +60,9 @@ def post(proxy: UvicornThread, body: Any, **kwargs: Any) -> httpx.Response:
     )
 
 
-def assert_openai_error(response: httpx.Response, status: int, type_: str, param: str | None = None) -> dict[str, Any]:
+def assert_openai_error(
+    response: httpx.Response, status: int, type_: str, param: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -135,7 +137,11 @@ def test_body_reaches_upstream_untouched_but_model(proxy: UvicornThread, upstrea
 
 
 def test_client_authorization_is_not_forwarded(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
-    post(proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, headers={"authorization": "Bearer client-secret"})
+    post(
+        proxy,
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": "Bearer client-secret"},
+    )
     assert "authorization" not in upstream.received[-1].headers
 
 
@@ -178,7 +184,9 @@ def test_tools_request_passes_through(client: openai.OpenAI, upstream: ScriptedU
 
 
 @pytest.mark.parametrize("recording", [pytest.param(r, id=r.split("/")[-1][:20]) for r in RECORDINGS])
-def test_stream_bytes_match_recordings(proxy: UvicornThread, upstream: ScriptedUpstream, recording: str) -> None:
+def test_stream_bytes_match_recordings(
+    proxy: UvicornThread, upstream: ScriptedUpstream, recording: str
+) -> None:
     chunks = load_recording(recording)
     upstream.plan(Stream(chunks))
     with httpx.stream(
@@ -248,7 +256,9 @@ async def test_async_concurrent_requests(proxy: UvicornThread, upstream: Scripte
 
         results = await asyncio.gather(*(one(i) for i in range(32)))
     assert results == ["Hello from upstream."] * 32
-    assert sorted(r.json["messages"][0]["content"] for r in upstream.received) == sorted(f"q{i}" for i in range(32))
+    assert sorted(r.json["messages"][0]["content"] for r in upstream.received) == sorted(
+        f"q{i}" for i in range(32)
+    )
 
 
 def test_litellm_transport(client: openai.OpenAI, upstream: ScriptedUpstream) -> None:
@@ -280,7 +290,9 @@ BAD_BODIES = [
     pytest.param({"model": "gpt-4o-mini", "messages": []}, "messages", id="empty-messages"),
     pytest.param({"messages": [{"role": "user", "content": "x"}]}, "model", id="missing-model"),
     pytest.param(
-        {"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", id="unknown-role"
+        {"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "x"}]},
+        "messages[0].role",
+        id="unknown-role",
     ),
     pytest.param(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
@@ -293,18 +305,30 @@ BAD_BODIES = [
         id="negative-max-tokens",
     ),
     pytest.param(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 100000}, "n", id="huge-n"
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 100000},
+        "n",
+        id="huge-n",
     ),
     pytest.param(
-        {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "x"}]}, "messages[0]", id="tool-without-id"
+        {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "x"}]},
+        "messages[0]",
+        id="tool-without-id",
     ),
     pytest.param(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream_options": {"include_usage": True},
+        },
         "stream_options",
         id="stream-options-without-stream",
     ),
     pytest.param(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function"}],
+        },
         "tools[0].function",
         id="tool-without-function",
     ),
@@ -312,7 +336,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_BODIES)
-def test_bad_requests_get_400(proxy: UvicornThread, upstream: ScriptedUpstream, body: Any, param: str | None) -> None:
+def test_bad_requests_get_400(
+    proxy: UvicornThread, upstream: ScriptedUpstream, body: Any, param: str | None
+) -> None:
     response = post(proxy, body)
     error = assert_openai_error(response, 400, "invalid_request_error", param)
     assert error["param"] == param
@@ -333,25 +359,51 @@ def test_unknown_url_and_method(proxy: UvicornThread) -> None:
 
 UPSTREAM_FAILURES = [
     pytest.param(Reply(status=500, body=b"<html>boom</html>"), 502, "upstream_error", id="500-html"),
-    pytest.param(Reply(status=503, json={"error": {"message": "overloaded"}}), 502, "upstream_error", id="503"),
-    pytest.param(Reply(status=429, json={"error": {"message": "slow down"}}), 429, "rate_limit_error", id="429"),
     pytest.param(
-        Reply(status=400, json={"error": {"message": "context too long", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+        Reply(status=503, json={"error": {"message": "overloaded"}}), 502, "upstream_error", id="503"
+    ),
+    pytest.param(
+        Reply(status=429, json={"error": {"message": "slow down"}}), 429, "rate_limit_error", id="429"
+    ),
+    pytest.param(
+        Reply(
+            status=400,
+            json={
+                "error": {
+                    "message": "context too long",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+        ),
         400,
         "invalid_request_error",
         id="400-passthrough",
     ),
-    pytest.param(Reply(status=401, json={"error": {"message": "bad key"}}), 502, "upstream_error", id="401-upstream-credentials"),
+    pytest.param(
+        Reply(status=401, json={"error": {"message": "bad key"}}),
+        502,
+        "upstream_error",
+        id="401-upstream-credentials",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("reply", "status", "type_"), UPSTREAM_FAILURES)
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_upstream_failures_map(
-    proxy: UvicornThread, upstream: ScriptedUpstream, reply: Reply, status: int, type_: str | None, stream: bool
+    proxy: UvicornThread,
+    upstream: ScriptedUpstream,
+    reply: Reply,
+    status: int,
+    type_: str | None,
+    stream: bool,
 ) -> None:
     upstream.plan(reply)
-    response = post(proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": stream})
+    response = post(
+        proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    )
     error = assert_openai_error(response, status, type_)
     if reply.status == 400:
         assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
@@ -366,7 +418,9 @@ def test_upstream_timeout_504(proxy: UvicornThread, upstream: ScriptedUpstream) 
 
 def test_upstream_unreachable_502(make_proxy: ProxyFactory) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    server = make_proxy({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_base": dead}}]})
+    server = make_proxy(
+        {"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_base": dead}}]}
+    )
     response = post(server, {"model": "m", "messages": [{"role": "user", "content": "x"}]})
     error = assert_openai_error(response, 502, "upstream_error")
     assert dead in error["message"]
@@ -374,14 +428,20 @@ def test_upstream_unreachable_502(make_proxy: ProxyFactory) -> None:
 
 def test_stream_cut_mid_way_becomes_error_event(client: openai.OpenAI, upstream: ScriptedUpstream) -> None:
     upstream.plan(Stream(text_stream("gpt-4o-mini", ["a", "b", "c", "d"]), truncate=True))
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
 
 
-def test_request_too_large_413(make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream) -> None:
-    server = make_proxy({"model_list": upstream_models(upstream_url), "server": {"max_request_body_bytes": 2048}})
+def test_request_too_large_413(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    server = make_proxy(
+        {"model_list": upstream_models(upstream_url), "server": {"max_request_body_bytes": 2048}}
+    )
     big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 4096}]}
     error = assert_openai_error(post(server, big), 413, "invalid_request_error")
     assert error["code"] == "request_too_large"
@@ -404,9 +464,15 @@ def test_retry_then_fallback(make_proxy: ProxyFactory, upstream_url: str, upstre
     server = make_proxy(
         {
             "model_list": [
-                {"model_name": "flaky", "litellm_params": {"model": "openai/flaky", "api_base": upstream_url}},
+                {
+                    "model_name": "flaky",
+                    "litellm_params": {"model": "openai/flaky", "api_base": upstream_url},
+                },
                 {"model_name": "down", "litellm_params": {"model": "openai/down", "api_base": dead}},
-                {"model_name": "backup", "litellm_params": {"model": "openai/backup", "api_base": upstream_url}},
+                {
+                    "model_name": "backup",
+                    "litellm_params": {"model": "openai/backup", "api_base": upstream_url},
+                },
             ],
             "router_settings": {"num_retries": 1, "fallbacks": [{"down": ["backup"]}]},
         }
@@ -417,7 +483,9 @@ def test_retry_then_fallback(make_proxy: ProxyFactory, upstream_url: str, upstre
     assert [r.json["model"] for r in upstream.received] == ["flaky", "flaky"]
 
     upstream.reset()
-    fell_back = post(server, {"model": "down", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    fell_back = post(
+        server, {"model": "down", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
     assert fell_back.status_code == 200
     assert [r.json["model"] for r in upstream.received] == ["backup"]
 
@@ -456,7 +524,9 @@ def keyed_proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
     ],
 )
 def test_keys_authenticate(keyed_proxy: UvicornThread, headers: dict[str, str], status: int) -> None:
-    response = post(keyed_proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, headers=headers)
+    response = post(
+        keyed_proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, headers=headers
+    )
     if status == 401:
         error = assert_openai_error(response, 401, "authentication_error")
         assert error["code"] == "invalid_api_key"
@@ -490,7 +560,9 @@ def test_health_ready_models_docs(proxy: UvicornThread, client: openai.OpenAI) -
     assert client.models.retrieve("renamed").id == "renamed"
     schema = httpx.get(proxy.url + "/openapi.json").json()
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]
-    assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletionRequest"
+    }
     assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert httpx.get(proxy.url + "/docs").status_code == 200
 

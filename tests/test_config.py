@@ -64,12 +64,18 @@ def test_missing_env_reference_names_variable_and_place() -> None:
         pytest.param({"model_list": [{"model_name": "a"}]}, "litellm_params", id="missing-params"),
         pytest.param({"model_list": []}, "model_list", id="empty-list"),
         pytest.param(
-            {"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}], "keys": [{"id": "k", "key": "short"}]},
+            {
+                "model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}],
+                "keys": [{"id": "k", "key": "short"}],
+            },
             "keys.0.key",
             id="short-key",
         ),
         pytest.param(
-            {"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}], "server": {"port": "many"}},
+            {
+                "model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}],
+                "server": {"port": "many"},
+            },
             "server.port",
             id="bad-port",
         ),
@@ -97,12 +103,18 @@ def test_yaml_errors(tmp_path: Path) -> None:
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,
-        {"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}], "server": {"port": 5000, "host": "0.0.0.0"}},
+        {
+            "model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}],
+            "server": {"port": 5000, "host": "0.0.0.0"},
+        },
     )
     assert load_settings(path, env={}).server.port == 5000
     from_env = load_settings(path, env={"CABLECTL_PORT": "6000"})
     assert from_env.server.port == 6000 and from_env.server.host == "0.0.0.0"
-    assert load_settings(path, env={"CABLECTL_PORT": "6000"}, overrides={"port": 7000, "host": None}).server.port == 7000
+    assert (
+        load_settings(path, env={"CABLECTL_PORT": "6000"}, overrides={"port": 7000, "host": None}).server.port
+        == 7000
+    )
     # CABLECTL_CONFIG names the file when no flag does
     assert load_settings(None, env={"CABLECTL_CONFIG": str(path)}).source == str(path)
 
@@ -124,7 +136,9 @@ def test_process_env_overrides_server(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_transport_resolution(tmp_path: Path, params: dict[str, Any], transport: str, expected: str) -> None:
-    settings = settings_from(tmp_path, {"model_list": [{"model_name": "m", "litellm_params": params, "transport": transport}]})
+    settings = settings_from(
+        tmp_path, {"model_list": [{"model_name": "m", "litellm_params": params, "transport": transport}]}
+    )
     assert settings.model_list[0].resolved_transport == expected
 
 
@@ -133,7 +147,11 @@ def test_router_settings_fallbacks(tmp_path: Path) -> None:
         tmp_path,
         {
             "model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}],
-            "router_settings": {"num_retries": 2, "fallbacks": [{"a": ["b", "c"]}], "routing_strategy": "simple-shuffle"},
+            "router_settings": {
+                "num_retries": 2,
+                "fallbacks": [{"a": ["b", "c"]}],
+                "routing_strategy": "simple-shuffle",
+            },
         },
     )
     rs = settings.router_settings

@@ -11,12 +11,20 @@ from proxy.backends.base import error_from_upstream
 @pytest.mark.parametrize(
     ("error", "status", "type_", "code"),
     [
-        pytest.param(errors.InvalidRequest("x", param="messages"), 400, "invalid_request_error", None, id="invalid"),
-        pytest.param(errors.AuthenticationFailed("x"), 401, "authentication_error", "invalid_api_key", id="401"),
+        pytest.param(
+            errors.InvalidRequest("x", param="messages"), 400, "invalid_request_error", None, id="invalid"
+        ),
+        pytest.param(
+            errors.AuthenticationFailed("x"), 401, "authentication_error", "invalid_api_key", id="401"
+        ),
         pytest.param(errors.PermissionDenied("x"), 403, "permission_error", "model_not_allowed", id="403"),
         pytest.param(errors.ModelNotFound("x"), 404, "invalid_request_error", "model_not_found", id="404"),
-        pytest.param(errors.RequestTooLarge("x"), 413, "invalid_request_error", "request_too_large", id="413"),
-        pytest.param(errors.UpstreamRateLimited("x"), 429, "rate_limit_error", "rate_limit_exceeded", id="429"),
+        pytest.param(
+            errors.RequestTooLarge("x"), 413, "invalid_request_error", "request_too_large", id="413"
+        ),
+        pytest.param(
+            errors.UpstreamRateLimited("x"), 429, "rate_limit_error", "rate_limit_exceeded", id="429"
+        ),
         pytest.param(errors.UpstreamError("x"), 502, "upstream_error", "upstream_error", id="502"),
         pytest.param(errors.ServiceUnavailable("x"), 503, "server_error", "service_unavailable", id="503"),
         pytest.param(errors.UpstreamTimeout("x"), 504, "upstream_error", "upstream_timeout", id="504"),

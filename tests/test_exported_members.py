@@ -63,7 +63,10 @@ def test_translators_do_not_import_proxy() -> None:
     import subprocess
     import sys
 
-    code = "import sys, translators, grammars; print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxy'))"
+    code = (
+        "import sys, translators, grammars; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxy'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -66,7 +66,9 @@ def test_completion_returns_text(client: openai.OpenAI) -> None:
 def test_stream_matches_recorded_shapes(local_proxy: UvicornThread) -> None:
     recorded = [
         json.loads(event[len(b"data: ") :])
-        for event in load_recording("no_tool_calls/e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin")
+        for event in load_recording(
+            "no_tool_calls/e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin"
+        )
         if event.strip() != b"data: [DONE]"
     ]
     with httpx.stream(
@@ -91,7 +93,11 @@ def test_stream_matches_recorded_shapes(local_proxy: UvicornThread) -> None:
     assert chunk_shape(ours[1]) == chunk_shape(recorded[1])
     assert chunk_shape(ours[-2]) == chunk_shape(recorded[-2])
     assert ours[-2]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert ours[-1]["choices"] == [] and set(ours[-1]["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert ours[-1]["choices"] == [] and set(ours[-1]["usage"]) >= {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    }
     assert ours[-1]["usage"]["completion_tokens"] >= len(ours) - 3
     assert {o["id"] for o in ours} == {ours[0]["id"]}
 
@@ -152,11 +158,17 @@ def test_n_choices_and_json_mode(client: openai.OpenAI) -> None:
     ("body", "param"),
     [
         pytest.param(
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+                ]
+            },
             "messages",
             id="image-part",
         ),
-        pytest.param({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "n", id="stream-n"),
+        pytest.param(
+            {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "n", id="stream-n"
+        ),
         pytest.param(
             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
             "response_format",
@@ -167,8 +179,12 @@ def test_n_choices_and_json_mode(client: openai.OpenAI) -> None:
         ),
     ],
 )
-def test_local_rejects_what_it_cannot_do(local_proxy: UvicornThread, body: dict[str, Any], param: str) -> None:
-    response = httpx.post(local_proxy.url + "/v1/chat/completions", json={"model": "local", **body}, timeout=60)
+def test_local_rejects_what_it_cannot_do(
+    local_proxy: UvicornThread, body: dict[str, Any], param: str
+) -> None:
+    response = httpx.post(
+        local_proxy.url + "/v1/chat/completions", json={"model": "local", **body}, timeout=60
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     # the context went back to the pool: the model still answers
@@ -184,7 +200,12 @@ def test_client_disconnect_mid_stream_frees_the_model(local_proxy: UvicornThread
     with httpx.stream(
         "POST",
         local_proxy.url + "/v1/chat/completions",
-        json={"model": "local", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": True},
+        json={
+            "model": "local",
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 200,
+            "stream": True,
+        },
         timeout=60,
     ) as response:
         next(response.iter_lines())
@@ -237,9 +258,14 @@ def test_cablectl_serve_command() -> None:
 
 def test_cablectl_serve_bad_config_names_the_problem(tmp_path: Any) -> None:
     bad = tmp_path / "config.yaml"
-    bad.write_text("model_list:\n  - model_name: x\n    litellm_params: {model: openai/x, api_key: os.environ/NOPE_KEY}\n")
+    bad.write_text(
+        "model_list:\n  - model_name: x\n"
+        "    litellm_params: {model: openai/x, api_key: os.environ/NOPE_KEY}\n"
+    )
     cablectl = os.path.join(os.path.dirname(sys.executable), "cablectl")
     env = {k: v for k, v in os.environ.items() if k != "NOPE_KEY"}
-    proc = subprocess.run([cablectl, "serve", "--config", str(bad)], capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [cablectl, "serve", "--config", str(bad)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 2
     assert "NOPE_KEY is not set" in proc.stderr and "Traceback" not in proc.stderr

@@ -87,7 +87,12 @@ def canned_completion(model: str, content: str = "Hello from upstream.") -> dict
 
 
 def text_stream(model: str, words: list[str], include_usage: bool = True) -> list[bytes]:
-    base = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 1727346171, "model": model}
+    base = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": 1727346171,
+        "model": model,
+    }
 
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
         obj = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -162,13 +167,20 @@ class ScriptedUpstream:
                 {
                     "type": "http.response.start",
                     "status": action.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(payload)).encode()),
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": payload})
             return
         await send(
-            {"type": "http.response.start", "status": action.status, "headers": [(b"content-type", b"text/event-stream")]}
+            {
+                "type": "http.response.start",
+                "status": action.status,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
         )
         for i, chunk in enumerate(action.chunks):
             if action.delay and i:
@@ -176,7 +188,8 @@ class ScriptedUpstream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if action.gate is not None and i == 0:
                 deadline = time.monotonic() + 30
-                while not action.gate.is_set() and time.monotonic() < deadline:
+                # the gate is a threading.Event set from the test's thread: poll it
+                while not action.gate.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
             if action.truncate and i == len(action.chunks) // 2:
                 raise ConnectionAbortedError("scripted truncation")

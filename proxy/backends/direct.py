@@ -85,12 +85,18 @@ class DirectBackend(ModelBackend):
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         req = self._client.build_request(
-            "POST", self._url, content=self._body(payload), headers=self._headers, timeout=self._stream_timeout
+            "POST",
+            self._url,
+            content=self._body(payload),
+            headers=self._headers,
+            timeout=self._stream_timeout,
         )
         try:
             response = await self._client.send(req, stream=True)
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"The upstream for model {self.name!r} did not start streaming in time") from exc
+            raise UpstreamTimeout(
+                f"The upstream for model {self.name!r} did not start streaming in time"
+            ) from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(
                 f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"

@@ -248,9 +248,7 @@ class _LocalStream(SSEStream):
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
         try:
-            chunks: Iterator[dict[str, Any]] = self._llama.create_chat_completion(
-                **self._kwargs, stream=True
-            )  # type: ignore[assignment]
+            chunks: Iterator[dict[str, Any]] = self._llama.create_chat_completion(**self._kwargs, stream=True)  # type: ignore[assignment]
             completion_chunks = 0
             prompt_tokens = None
             for chunk in chunks:

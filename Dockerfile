@@ -1,0 +1,21 @@
+# cablectl: the proxy with its embedded local model. Build: docker build -t cablectl .
+FROM python:3.11-slim
+
+# llama-cpp-python compiles llama.cpp from source
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md config.yaml ./
+COPY proxy ./proxy
+COPY translators ./translators
+COPY grammars ./grammars
+RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 cablectl
+
+USER cablectl
+ENV CABLECTL_HOST=0.0.0.0 CABLECTL_PORT=4000
+EXPOSE 4000
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:4000/health').status != 200)"
+# Mount your own config over /app/config.yaml, or set CABLECTL_CONFIG.
+CMD ["cablectl", "serve", "--config", "/app/config.yaml"]
