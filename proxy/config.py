@@ -107,7 +107,7 @@ class ModelEntry(BaseModel):
         return "litellm"
 
 
-# Providers that speak the OpenAI wire format: cablectl forwards to them with httpx.
+# Providers that speak the OpenAI wire format: cablectl forwards to them itself (aiohttp).
 DIRECT_PROVIDERS = frozenset({"openai", "hosted_vllm", "llamafile", "lm_studio", "openai_like"})
 
 

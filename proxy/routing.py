@@ -1,6 +1,6 @@
 """Model name -> backend, with retries and fallbacks on retryable failures.
 
-Each ``model_list`` entry becomes one backend (direct httpx, litellm, or local).
+Each ``model_list`` entry becomes one backend (direct, litellm, or local).
 A request tries its model, then the models ``router_settings.fallbacks`` names
 for it, each with ``num_retries`` retries on retryable errors (timeouts, 5xx,
 429). litellm routes retry inside litellm's Router, so they get no second layer.
@@ -16,10 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
-
 from proxy.backends.base import ModelBackend, SSEStream
-from proxy.backends.direct import DirectBackend
+from proxy.backends.direct import DirectBackend, HttpPool
 from proxy.backends.litellm_backend import LiteLLMBackend, LiteLLMRouter
 from proxy.backends.local import LocalBackend
 from proxy.config import Settings
@@ -45,10 +43,7 @@ class ModelRouter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         rs = settings.router_settings
-        self._client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
-            timeout=rs.timeout,
-        )
+        self._pool = HttpPool()
         litellm_entries = [e for e in settings.model_list if e.resolved_transport == "litellm"]
         self._litellm = LiteLLMRouter(litellm_entries, rs)
         self.backends: dict[str, ModelBackend] = {}
@@ -60,17 +55,18 @@ class ModelRouter:
             elif transport == "litellm":
                 backend = LiteLLMBackend(entry, self._litellm)
             else:
-                backend = DirectBackend(entry, self._client, rs.timeout)
+                backend = DirectBackend(entry, self._pool, rs.timeout)
             self.backends[entry.model_name] = backend
 
     async def start(self) -> None:
+        await self._pool.start()
         for backend in self.backends.values():
             await backend.start()
 
     async def aclose(self) -> None:
         for backend in self.backends.values():
             await backend.aclose()
-        await self._client.aclose()
+        await self._pool.aclose()
 
     def names(self) -> list[str]:
         return list(self.backends)

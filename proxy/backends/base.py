@@ -38,7 +38,7 @@ class SSEStream(abc.ABC):
 
 
 class ModelBackend(abc.ABC):
-    """One route's model. Real implementations: direct (httpx), litellm, local (llama.cpp)."""
+    """One route's model. Real implementations: direct (aiohttp), litellm, local (llama.cpp)."""
 
     def __init__(self, entry: ModelEntry) -> None:
         self.entry = entry

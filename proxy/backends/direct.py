@@ -1,52 +1,87 @@
-"""OpenAI-compatible upstreams (OpenAI, vLLM, a llama.cpp server, ...) over httpx.
+"""OpenAI-compatible upstreams (OpenAI, vLLM, a llama.cpp server, ...) called directly.
 
-The client's JSON goes out with only ``model`` mapped to the upstream's name;
-the upstream's bytes come back untouched, streamed chunks as they arrive.
+The client's JSON goes out with only ``model`` mapped to the upstream's name; the
+upstream's body comes back as it was (decompressed if it was sent compressed),
+streamed chunks as they arrive. aiohttp, not httpx, on this hot path: under
+concurrency its connection pool costs a fraction of httpx's (see bench/overhead.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from proxy.backends.base import ModelBackend, SSEStream, error_from_upstream
 from proxy.config import ModelEntry
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.schemas import ChatCompletionRequest
 
-__all__ = ["DirectBackend"]
+__all__ = ["DirectBackend", "HttpPool"]
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
+CONNECT_TIMEOUT = 10.0
 
 
-class _HttpxStream(SSEStream):
-    def __init__(self, response: httpx.Response, model_name: str) -> None:
+class HttpPool:
+    """The one upstream connection pool of an app; opened in the lifespan's event loop."""
+
+    def __init__(self, max_connections: int = 2000) -> None:
+        self._max = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max, keepalive_timeout=60, enable_cleanup_closed=True
+            )
+            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise ServiceUnavailable("the proxy is starting or stopping; retry in a moment")
+        return self._session
+
+
+class _AiohttpStream(SSEStream):
+    def __init__(self, response: aiohttp.ClientResponse, model_name: str) -> None:
         self._response = response
         self._model_name = model_name
+        self._finished = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.aiter_raw():
+            async for chunk in self._response.content.iter_any():
                 yield chunk
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, asyncio.TimeoutError) as exc:
             raise UpstreamTimeout(f"The upstream for model {self._model_name!r} stalled mid-stream") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(
                 f"The upstream for model {self._model_name!r} broke off the stream: {exc!r}"
             ) from exc
+        self._finished = True
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        if self._finished:
+            self._response.release()  # connection back to the pool
+        else:
+            self._response.close()  # half-read: drop the connection
 
 
 class DirectBackend(ModelBackend):
-    def __init__(self, entry: ModelEntry, client: httpx.AsyncClient, timeout: float) -> None:
+    def __init__(self, entry: ModelEntry, pool: HttpPool, timeout: float) -> None:
         super().__init__(entry)
         params = entry.litellm_params
-        self._client = client
+        self._pool = pool
         self._url = (params.api_base or DEFAULT_API_BASE).rstrip("/") + "/chat/completions"
         self._upstream_model = params.upstream_model
         headers = {"content-type": "application/json", "accept": "application/json"}
@@ -54,10 +89,12 @@ class DirectBackend(ModelBackend):
             headers["authorization"] = f"Bearer {params.api_key}"
         headers.update(params.extra_headers or {})
         self._headers = headers
-        self._timeout = httpx.Timeout(params.timeout or timeout, connect=min(10.0, params.timeout or timeout))
-        self._stream_timeout = httpx.Timeout(
-            params.stream_timeout or params.timeout or timeout,
-            connect=min(10.0, params.timeout or timeout),
+        total = params.timeout or timeout
+        connect = min(CONNECT_TIMEOUT, total)
+        self._timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
+        # a stream may run long; what must not happen is a long silence
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect, sock_read=params.stream_timeout or total
         )
 
     def _body(self, payload: dict[str, Any]) -> bytes:
@@ -65,48 +102,48 @@ class DirectBackend(ModelBackend):
             payload = {**payload, "model": self._upstream_model}
         return orjson.dumps(payload)
 
+    def _unreachable(self, exc: BaseException) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"
+        )
+
     async def complete(self, payload: dict[str, Any], request: ChatCompletionRequest) -> bytes:
+        session = self._pool.session
         try:
-            response = await self._client.post(
-                self._url, content=self._body(payload), headers=self._headers, timeout=self._timeout
-            )
-        except httpx.TimeoutException as exc:
+            async with session.post(
+                self._url, data=self._body(payload), headers=self._headers, timeout=self._timeout
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except (TimeoutError, asyncio.TimeoutError) as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not answer in time; "
                 "raise router_settings.timeout or litellm_params.timeout if it is just slow"
             ) from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(
-                f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"
-            ) from exc
-        if response.status_code != 200:
-            raise error_from_upstream(response.status_code, response.content, self.name)
-        return response.content
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+        if status != 200:
+            raise error_from_upstream(status, body, self.name)
+        return body
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
-        req = self._client.build_request(
-            "POST",
-            self._url,
-            content=self._body(payload),
-            headers=self._headers,
-            timeout=self._stream_timeout,
-        )
+        session = self._pool.session
         try:
-            response = await self._client.send(req, stream=True)
-        except httpx.TimeoutException as exc:
+            response = await session.post(
+                self._url, data=self._body(payload), headers=self._headers, timeout=self._stream_timeout
+            )
+        except (TimeoutError, asyncio.TimeoutError) as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not start streaming in time"
             ) from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(
-                f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"
-            ) from exc
-        if response.status_code != 200:
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status != 200:
             try:
-                body = await response.aread()
-            except httpx.HTTPError:
+                body = await response.read()
+            except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
                 body = b""
             finally:
-                await response.aclose()
-            raise error_from_upstream(response.status_code, body, self.name)
-        return _HttpxStream(response, self.name)
+                response.release()
+            raise error_from_upstream(response.status, body, self.name)
+        return _AiohttpStream(response, self.name)
