@@ -184,7 +184,7 @@ def main() -> int:
         ),
     ):
         for concurrency, stream in cases:
-            for name, url in targets.items():  # warm up connections and caches
+            for url in targets.values():  # warm up connections and caches
                 asyncio.run(_batch(url, 50, concurrency, stream))
             for _ in range(args.rounds):
                 for name, url in targets.items():
@@ -193,7 +193,10 @@ def main() -> int:
                     )
 
     print(f"requests per cell: {args.requests * args.rounds}; latency in ms; added = path - direct")
-    header = f"{'case':<22}{'direct p50':>11}{'p99':>8}{'cablectl +p50':>15}{'+p99':>8}{'litellm +p50':>14}{'+p99':>8}{'ratio p50':>11}"
+    header = (
+        f"{'case':<22}{'direct p50':>11}{'p99':>8}{'cablectl +p50':>15}{'+p99':>8}"
+        f"{'litellm +p50':>14}{'+p99':>8}{'ratio p50':>11}"
+    )
     print(header)
     for concurrency, stream in cases:
         d = results[(concurrency, stream, "direct")]
@@ -207,9 +210,8 @@ def main() -> int:
         print(
             f"{label:<22}{d50:>11.2f}{d99:>8.2f}{c50:>15.2f}{c99:>8.2f}{l50:>14.2f}{l99:>8.2f}{ratio:>11.3f}"
         )
-        print(
-            f"{'':<22}(mean direct {statistics.fmean(d):.2f}, cablectl {statistics.fmean(c):.2f}, litellm {statistics.fmean(llm):.2f})"
-        )
+        means = f"mean direct {statistics.fmean(d):.2f}, cablectl {statistics.fmean(c):.2f}"
+        print(f"{'':<22}({means}, litellm {statistics.fmean(llm):.2f})")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -9,7 +9,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.upstream import ScriptedUpstream  # noqa: E402
+from tests.upstream import ScriptedUpstream
 
 
 def main() -> None:

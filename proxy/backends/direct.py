@@ -8,7 +8,6 @@ concurrency its connection pool costs a fraction of httpx's (see bench/overhead.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,7 +61,7 @@ class _AiohttpStream(SSEStream):
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"The upstream for model {self._model_name!r} stalled mid-stream") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(
@@ -115,7 +114,7 @@ class DirectBackend(ModelBackend):
             ) as response:
                 body = await response.read()
                 status = response.status
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not answer in time; "
                 "raise router_settings.timeout or litellm_params.timeout if it is just slow"
@@ -132,7 +131,7 @@ class DirectBackend(ModelBackend):
             response = await session.post(
                 self._url, data=self._body(payload), headers=self._headers, timeout=self._stream_timeout
             )
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not start streaming in time"
             ) from exc
@@ -141,7 +140,7 @@ class DirectBackend(ModelBackend):
         if response.status != 200:
             try:
                 body = await response.read()
-            except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, TimeoutError):
                 body = b""
             finally:
                 response.release()
