@@ -409,6 +409,17 @@ def test_upstream_failures_map(
         assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
 
 
+def test_upstream_invalid_json_is_a_retryable_502(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
+    upstream.plan(Reply(status=200, body=b"not json at all"), Reply(status=200, body=b"[1]"))
+    for _ in range(2):
+        error = assert_openai_error(
+            post(proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
+            502,
+            "upstream_error",
+        )
+        assert "not a JSON object" in error["message"]
+
+
 def test_upstream_timeout_504(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
     upstream.plan(Hang(3))
     response = post(proxy, {"model": "slow", "messages": [{"role": "user", "content": "x"}]})

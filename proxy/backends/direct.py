@@ -123,6 +123,15 @@ class DirectBackend(ModelBackend):
             raise self._unreachable(exc) from exc
         if status != 200:
             raise error_from_upstream(status, body, self.name)
+        # forwarded as they are, but never a body the client's SDK cannot parse
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise UpstreamError(
+                f"The upstream for model {self.name!r} answered 200 with a body that is not a JSON object"
+            )
         return body
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
