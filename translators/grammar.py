@@ -1,0 +1,210 @@
+"""Per-request Lark grammars generated from the tools.
+
+The fixed rules come from ``grammars/response.lark`` and ``grammars/values.lark``;
+this module adds ``start`` (from ``tool_choice`` and ``parallel_tool_calls``),
+``call`` (one alternative per tool, or only the named one) and, per tool, its
+keyword arguments in stub order (required first, each optional one optional)
+with a value rule per parameter type: strings, numbers, bools, lists, typed
+dicts, enums and consts as literals, unions, ``$ref`` (recursion included).
+
+The result is one grammar text: parse model output with it (Lark), convert it
+for llama.cpp (``translators.gbnf``), or hand it to servers that take Lark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import grammars
+from translators.errors import ToolsetError
+from translators.schema import MAX_DEPTH, Refs, merge_all_of, schema_types
+from translators.tools import Param, Tool, Toolset
+
+__all__ = ["ToolChoice", "build_grammar", "lark_literal", "normalize_tool_choice"]
+
+ToolChoice = str  # "none" | "auto" | "required" | "function:<name>"
+
+
+def normalize_tool_choice(tool_choice: Any, toolset: Toolset) -> ToolChoice:
+    """OpenAI's ``tool_choice`` as one string; an unknown function name is a ToolsetError."""
+    if tool_choice is None:
+        return "auto"
+    if tool_choice in ("none", "auto", "required"):
+        return str(tool_choice)
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        if isinstance(name, str) and toolset.by_name(name) is not None:
+            return f"function:{name}"
+        raise ToolsetError(
+            f"tool_choice names function {name!r}, which is not among the request's tools", param="tool_choice"
+        )
+    raise ToolsetError("tool_choice must be 'none', 'auto', 'required' or a function", param="tool_choice")
+
+
+def lark_literal(text: str) -> str:
+    """``text`` as a Lark string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _python_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if value is None:
+        return "None"
+    return repr(value)
+
+
+@dataclass
+class _Builder:
+    rules: list[str] = field(default_factory=list)
+    _count: int = 0
+    _refs_done: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    def rule(self, prefix: str, body: str) -> str:
+        name = f"{prefix}{self._count}"
+        self._count += 1
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def sequence(self, items: list[tuple[str, bool]], sep: str = ", ") -> str:
+        """Items (text, required) in order: required ones always, optional ones each optional."""
+        required = [text for text, req in items if req]
+        optional = [text for text, req in items if not req]
+        sep_lit = lark_literal(sep)
+        if required:
+            body = f" {sep_lit} ".join(required)
+            for text in optional:
+                body += f" ({sep_lit} {text})?"
+            return body
+        if not optional:
+            return ""
+        alts = []
+        for i, first in enumerate(optional):
+            alt = first
+            for text in optional[i + 1 :]:
+                alt += f" ({sep_lit} {text})?"
+            alts.append(alt)
+        return f"({' | '.join(alts)})?"
+
+    def value(self, schema: Any, refs: Refs, depth: int = 0) -> str:
+        """A grammar expression for values of ``schema``."""
+        if depth > MAX_DEPTH:
+            raise ToolsetError(f"a schema nests deeper than {MAX_DEPTH} levels")
+        if schema is True or not isinstance(schema, dict) or not schema:
+            return "json_value"
+        if "$ref" in schema:
+            key = (id(refs.root), schema["$ref"])
+            if key in self._refs_done:
+                return self._refs_done[key]
+            name = f"ref{self._count}"
+            self._count += 1
+            self._refs_done[key] = name
+            _, target = refs.resolve(schema["$ref"])
+            self.rules.append(f"{name}: {self.value(target, refs, depth + 1)}")
+            return name
+        nullable = "null" in schema_types(schema)
+        expr = self._core(schema, refs, depth)
+        return f"({expr} | NONE)" if nullable and expr not in ("NONE", "json_value") else expr
+
+    def _core(self, schema: dict[str, Any], refs: Refs, depth: int) -> str:
+        if "const" in schema:
+            return lark_literal(_python_literal(schema["const"]))
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            literals = dict.fromkeys(
+                lark_literal(_python_literal(v)) for v in schema["enum"] if not isinstance(v, (dict, list))
+            )
+            return f"({' | '.join(literals)})" if literals else "json_value"
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list) and schema[key]:
+                alts = dict.fromkeys(self.value(s, refs, depth + 1) for s in schema[key])
+                return f"({' | '.join(alts)})"
+        if isinstance(schema.get("allOf"), list):
+            return self.value(merge_all_of(schema, refs), refs, depth + 1)
+        types = [t for t in schema_types(schema) if t != "null"]
+        if not types:
+            if isinstance(schema.get("properties"), dict):
+                types = ["object"]
+            elif "items" in schema:
+                types = ["array"]
+            elif "null" in schema_types(schema):
+                return "NONE"
+            else:
+                return "json_value"
+        alts = dict.fromkeys(self._typed(t, schema, refs, depth) for t in types)
+        return next(iter(alts)) if len(alts) == 1 else f"({' | '.join(alts)})"
+
+    def _typed(self, type_: str, schema: dict[str, Any], refs: Refs, depth: int) -> str:
+        if type_ == "string":
+            return "STRING"
+        if type_ == "integer":
+            return "INT"
+        if type_ == "number":
+            return "(FLOAT | INT)"
+        if type_ == "boolean":
+            return "BOOL"
+        if type_ in ("array", "tuple"):
+            items = schema.get("prefixItems") or schema.get("items")
+            if isinstance(items, list) and items:
+                inner = ' ", " '.join(self.value(s, refs, depth + 1) for s in items)
+                return self.rule("tup", f'"[" {inner} "]"')
+            item = self.value(items, refs, depth + 1) if isinstance(items, dict) else "json_value"
+            return self.rule("arr", f'"[" ({item} (", " {item})*)? "]"')
+        if type_ == "object":
+            props = schema.get("properties")
+            if isinstance(props, dict) and props:
+                required = set(schema.get("required") or [])
+                order = [k for k in props if k in required] + [k for k in props if k not in required]
+                items = [
+                    (f"{lark_literal(json.dumps(k, ensure_ascii=False) + ': ')} {self.value(props[k], refs, depth + 1)}", k in required)
+                    for k in order
+                ]
+                return self.rule("obj", f'"{{" {self.sequence(items)} "}}"')
+            extra = schema.get("additionalProperties")
+            if isinstance(extra, dict) and extra:
+                v = self.value(extra, refs, depth + 1)
+                return self.rule("map", f'"{{" (STRING ": " {v} (", " STRING ": " {v})*)? "}}"')
+            return "json_dict"
+        return "json_value"
+
+    def arguments(self, tool: Tool) -> str:
+        items: list[tuple[str, bool]] = []
+        for param in tool.params:
+            items.append((f"{lark_literal(param.py + '=')} {self._param_value(param, tool)}", param.required))
+        return self.sequence(items)
+
+    def _param_value(self, param: Param, tool: Tool) -> str:
+        return self.value(param.schema, tool.refs)
+
+
+def build_grammar(toolset: Toolset, tool_choice: ToolChoice = "auto", parallel: bool = True) -> str:
+    """The Lark grammar for one request. ``tool_choice`` as from ``normalize_tool_choice``."""
+    builder = _Builder()
+    if tool_choice.startswith("function:"):
+        wanted = toolset.by_name(tool_choice.split(":", 1)[1])
+        tools = [wanted] if wanted is not None else []
+    else:
+        tools = list(toolset.tools)
+    calls = []
+    for tool in tools:
+        args = builder.arguments(tool)
+        calls.append(builder.rule("tool", f"{lark_literal(tool.py + '(')} {args} \")\""))
+    action = "action" if parallel else "single_action"
+    if tool_choice == "none" or not calls:
+        start = "start: text"
+    elif tool_choice == "auto":
+        start = f"start: text | text? {action}"
+    else:
+        # forced: the code block comes first, so a small model cannot talk its way
+        # past the token limit before it acts
+        start = f"start: {action}"
+    parts = [start]
+    if calls:
+        parts.append(f"call: {' | '.join(calls)}")
+    else:
+        parts.append('call: "_no_tool_()"')
+    parts += builder.rules
+    return "\n".join([*parts, "", grammars.load("response"), grammars.load("values")])

@@ -1,0 +1,54 @@
+"""Model output -> ``Answer(text)`` or ``Action(source)``.
+
+The agreed shape: free text, optionally followed by exactly one fenced
+```python block, which is the action. Anything else is an ``OutputError`` whose
+message tells the model what to change.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass
+
+from translators.errors import OutputError
+
+__all__ = ["Action", "Answer", "parse_output"]
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$", re.MULTILINE)
+_CODE_LANGS = {"python", "py", "python3", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    source: str
+    thought: str = ""
+
+
+def parse_output(text: str) -> Answer | Action:
+    fences = list(_FENCE.finditer(text))
+    if not fences:
+        return Answer(text.strip())
+    if len(fences) % 2:
+        raise OutputError(
+            "The code block is not closed: end the python block with a line holding only ```."
+        )
+    blocks = [(fences[i], fences[i + 1]) for i in range(0, len(fences), 2)]
+    code_blocks = [(o, c) for o, c in blocks if o.group(1).lower() in _CODE_LANGS]
+    if not code_blocks:
+        return Answer(text.strip())  # fenced non-Python text (a JSON sample, say) is part of an answer
+    if len(code_blocks) > 1:
+        raise OutputError(
+            f"The reply has {len(code_blocks)} python blocks; put all the code in exactly one ```python block."
+        )
+    opening, closing = code_blocks[0]
+    source = text[opening.end() : closing.start()].strip("\n")
+    if not source.strip():
+        raise OutputError("The python block is empty; write the calls to make, or answer without a code block.")
+    thought = text[: opening.start()].strip()
+    return Action(source=textwrap.dedent(source), thought=thought)

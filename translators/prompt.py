@@ -1,0 +1,131 @@
+"""OpenAI messages -> the code-form prompt the model sees.
+
+- The client's system/developer messages stay first; the tool stubs and the
+  action format are appended to that system message.
+- Earlier assistant ``tool_calls`` become that assistant turn's ```python block.
+- ``tool`` results become one user turn of observations, each labelled with the
+  call that produced it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from translators.actions import render_call
+from translators.names import to_identifier
+from translators.stubs import render_stubs, render_value
+from translators.tools import Toolset
+
+__all__ = ["action_instructions", "build_prompt", "content_text"]
+
+
+def content_text(content: Any) -> str:
+    """Text of a message's content: the string, or its text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return str(content)
+
+
+def action_instructions(toolset: Toolset, tool_choice: Any = "auto", parallel: bool = True) -> str:
+    if tool_choice == "none":
+        return "Answer in plain text. Do not write code in this reply."
+    stubs = render_stubs(toolset).rstrip("\n")
+    lines = [
+        "You can act by writing Python. These functions are already defined; do not define or import them:",
+        "",
+        "```python",
+        stubs,
+        "```",
+        "",
+        "To use them, reply with an optional short note, then exactly one ```python block that calls them "
+        "with keyword arguments. Print what you need to see; results come back to you as an observation. "
+        "When you can answer, reply in plain text with no code block.",
+    ]
+    if not parallel:
+        lines.append("Call one function per reply.")
+    if tool_choice == "required":
+        lines.append("This reply must be a ```python block that calls at least one function.")
+    elif isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        tool = toolset.by_name(name) if isinstance(name, str) else None
+        if tool is not None:
+            lines.append(f"This reply must be a ```python block that calls {tool.py}.")
+    return "\n".join(lines)
+
+
+def _call_code(toolset: Toolset, call: dict[str, Any]) -> str:
+    fn = call.get("function") or {}
+    name = str(fn.get("name", ""))
+    raw = fn.get("arguments") or "{}"
+    try:
+        arguments = orjson.loads(raw) if isinstance(raw, str) else raw
+    except orjson.JSONDecodeError:
+        arguments = None
+    tool = toolset.by_name(name)
+    if not isinstance(arguments, dict):
+        return f"{to_identifier(name)}()  # arguments were not valid JSON: {str(raw)[:200]!r}"
+    if tool is None:
+        args = ", ".join(f"{k}={render_value(v)}" if k.isidentifier() else "" for k, v in arguments.items())
+        return f"{to_identifier(name)}({args.strip(', ')})"
+    return render_call(tool, arguments)
+
+
+def build_prompt(
+    messages: list[dict[str, Any]],
+    toolset: Toolset,
+    tool_choice: Any = "auto",
+    parallel: bool = True,
+) -> list[dict[str, Any]]:
+    """Chat messages for the model, in code form."""
+    system_parts: list[str] = []
+    out: list[dict[str, Any]] = []
+    calls_by_id: dict[str, str] = {}
+    observations: list[str] = []
+
+    def flush_observations() -> None:
+        if observations:
+            out.append({"role": "user", "content": "Observation:\n" + "\n".join(observations)})
+            observations.clear()
+
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            if out:
+                flush_observations()
+                out.append({"role": "system", "content": content_text(message.get("content"))})
+            else:
+                system_parts.append(content_text(message.get("content")))
+            continue
+        if role in ("tool", "function"):
+            key = str(message.get("tool_call_id") or message.get("name") or "")
+            label = calls_by_id.get(key, f"result of {key or 'a call'}")
+            observations.append(f"{label} -> {content_text(message.get('content')).strip()}")
+            continue
+        flush_observations()
+        if role == "assistant":
+            text = content_text(message.get("content")).strip()
+            tool_calls = message.get("tool_calls") or []
+            if tool_calls:
+                lines = []
+                for call in tool_calls:
+                    code = _call_code(toolset, call)
+                    calls_by_id[str(call.get("id", ""))] = code
+                    lines.append(code)
+                block = "```python\n" + "\n".join(lines) + "\n```"
+                text = f"{text}\n\n{block}" if text else block
+            out.append({"role": "assistant", "content": text})
+            continue
+        content = message.get("content")
+        has_media = isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") != "text" for p in content
+        )
+        out.append({"role": "user", "content": content if has_media else content_text(content)})
+    flush_observations()
+    system = "\n\n".join([p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel)])
+    return [{"role": "system", "content": system}, *out]
