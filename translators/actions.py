@@ -108,8 +108,10 @@ def parse_program(source: str) -> ast.Module:
         raise OutputError(f"The code has a syntax error at {where}: {exc.msg}{shown}") from exc
 
 
-def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any]) -> Call:
-    """Map and check one call's arguments; returns the call under original names."""
+def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any], check: bool = True) -> Call:
+    """Map and check one call's arguments; returns the call under original names.
+
+    ``check=False`` maps names only: no schema checks, unknown keywords kept as written."""
     signature = ", ".join(p.py for p in tool.params) or "no arguments"
     if len(args) > len(tool.params):
         raise CallError(
@@ -122,16 +124,19 @@ def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any]) -> Call:
         param = tool.param_for_py(py)
         if param is None:
             param = next((p for p in tool.params if p.name == py), None)  # the schema's own spelling
+        if param is None and not check:
+            bound[py] = value  # unchecked: kept as written
+            continue
         if param is None:
             raise CallError(f"{tool.py}() got an unexpected keyword argument {py!r}; its parameters are: {signature}")
         if param.name in bound:
             raise CallError(f"{tool.py}() got multiple values for argument {param.py!r}")
         bound[param.name] = value
     missing = [p.py for p in tool.params if p.required and p.name not in bound]
-    if missing:
+    if missing and check:
         raise CallError(f"{tool.py}() is missing required argument(s): {', '.join(missing)}")
     errors: list[str] = []
-    for param in tool.params:
+    for param in tool.params if check else ():
         if param.name in bound:
             errors += check_value(param.schema, bound[param.name], f"{tool.py}({param.py}=...)", tool.refs)
     if errors:
@@ -139,7 +144,7 @@ def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any]) -> Call:
     return Call(tool.name, bound)
 
 
-def _static_call(node: ast.expr, toolset: Toolset) -> Call | None:
+def _static_call(node: ast.expr, toolset: Toolset, check: bool = True) -> Call | None:
     """The call if ``node`` is a tool call with literal arguments only."""
     if not isinstance(node, ast.Call):
         return None
@@ -153,10 +158,10 @@ def _static_call(node: ast.expr, toolset: Toolset) -> Call | None:
         kwargs = {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}
     except _NotLiteral:
         return None
-    return check_call(tool, args, kwargs)
+    return check_call(tool, args, kwargs, check)
 
 
-def _statement_call(stmt: ast.stmt, toolset: Toolset, assigned: set[str]) -> Call | None:
+def _statement_call(stmt: ast.stmt, toolset: Toolset, assigned: set[str], check: bool) -> Call | None:
     if isinstance(stmt, ast.Expr):
         value = stmt.value
         if (
@@ -167,19 +172,19 @@ def _statement_call(stmt: ast.stmt, toolset: Toolset, assigned: set[str]) -> Cal
             and not value.keywords
         ):
             value = value.args[0]
-        return _static_call(value, toolset)
+        return _static_call(value, toolset, check)
     if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
         target = stmt.targets[0].id
         if target in assigned or toolset.by_py(target) is not None:
             return None  # rebinding a name (or a tool) is data flow: leave it to the kernel
-        call = _static_call(stmt.value, toolset)
+        call = _static_call(stmt.value, toolset, check)
         if call is not None:
             assigned.add(target)
         return call
     return None
 
 
-def _check_all_calls(module: ast.Module, toolset: Toolset) -> tuple[str, ...]:
+def _check_all_calls(module: ast.Module, toolset: Toolset, check: bool) -> tuple[str, ...]:
     """Check every tool call whose arguments are literals; list the tools mentioned."""
     mentioned: list[str] = []
     for node in ast.walk(module):
@@ -189,20 +194,21 @@ def _check_all_calls(module: ast.Module, toolset: Toolset) -> tuple[str, ...]:
                 continue
             if tool.name not in mentioned:
                 mentioned.append(tool.name)
-            _static_call(node, toolset)  # raises CallError when literal arguments are wrong
+            _static_call(node, toolset, check)  # raises CallError when literal arguments are wrong
     return tuple(mentioned)
 
 
-def classify(source: str, toolset: Toolset) -> StaticCalls | KernelProgram:
+def classify(source: str, toolset: Toolset, check: bool = True) -> StaticCalls | KernelProgram:
+    """Parse and classify a program; ``check=False`` skips the schema checks of literal values."""
     module = parse_program(source)
     if not module.body:
         raise OutputError("The python block is empty; write the calls to make, or answer without a code block.")
     assigned: set[str] = set()
     calls: list[Call] = []
     for stmt in module.body:
-        call = _statement_call(stmt, toolset, assigned)
+        call = _statement_call(stmt, toolset, assigned, check)
         if call is None:
-            return KernelProgram(source, _check_all_calls(module, toolset))
+            return KernelProgram(source, _check_all_calls(module, toolset, check))
         calls.append(call)
     return StaticCalls(tuple(calls), source)
 

@@ -25,6 +25,8 @@ from translators.tools import Param, Tool, Toolset
 __all__ = ["ToolChoice", "build_grammar", "lark_literal", "normalize_tool_choice"]
 
 ToolChoice = str  # "none" | "auto" | "required" | "function:<name>"
+MAX_ITEMS = 16  # items in one list or dict
+MAX_LINES = 16  # statements in one action
 
 
 def normalize_tool_choice(tool_choice: Any, toolset: Toolset) -> ToolChoice:
@@ -60,8 +62,9 @@ def _python_literal(value: Any) -> str:
 
 @dataclass
 class _Builder:
-    rules: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=lambda: ["_empty: "])
     _count: int = 0
+    _json: dict[int, str] = field(default_factory=dict)
     _refs_done: dict[tuple[int, str], str] = field(default_factory=dict)
 
     def rule(self, prefix: str, body: str) -> str:
@@ -71,31 +74,53 @@ class _Builder:
         return name
 
     def sequence(self, items: list[tuple[str, bool]], sep: str = ", ") -> str:
-        """Items (text, required) in order: required ones always, optional ones each optional."""
+        """Items (text, required) in order: required ones always, optional ones each optional.
+
+        Optional items are chained through rules of two alternatives each: inline
+        ``(...)?`` groups would compile to 2^n expansions (and llama.cpp stacks)."""
         required = [text for text, req in items if req]
         optional = [text for text, req in items if not req]
         sep_lit = lark_literal(sep)
+        chains: list[str | None] = [None] * (len(optional) + 1)  # chains[i]: optional items i.. each optional
+        for i in range(len(optional) - 1, -1, -1):
+            rest = f" {chains[i + 1]}" if chains[i + 1] else ""
+            chains[i] = self.rule("opt", f"{sep_lit} {optional[i]}{rest} | {chains[i + 1] or '_empty'}")
         if required:
-            body = f" {sep_lit} ".join(required)
-            for text in optional:
-                body += f" ({sep_lit} {text})?"
-            return body
+            return f" {sep_lit} ".join(required) + (f" {chains[0]}" if chains[0] else "")
         if not optional:
             return ""
-        alts = []
-        for i, first in enumerate(optional):
-            alt = first
-            for text in optional[i + 1 :]:
-                alt += f" ({sep_lit} {text})?"
-            alts.append(alt)
-        return f"({' | '.join(alts)})?"
+        starts = [f"{text} {chains[i + 1]}" if chains[i + 1] else text for i, text in enumerate(optional)]
+        return self.rule("first", " | ".join([*starts, "_empty"]))
+
+    def bounded(self, item: str, sep: str, at_most: int, at_least: int = 0) -> str:
+        """``item (sep item)*`` with at most ``at_most`` items (at least 0 or 1), as chained rules."""
+        sep_lit = lark_literal(sep) if sep else ""
+        tail: str | None = None
+        for _ in range(at_most - 1):
+            step = f"{sep_lit} {item}".strip() + (f" {tail}" if tail else "")
+            tail = self.rule("more", f"{step} | _empty")
+        core = f"{item} {tail}" if tail else item
+        return core if at_least else self.rule("some", f"{core} | _empty")
+
+    def json_value(self, depth: int = 2) -> str:
+        """Any JSON-able value, nested at most ``depth`` containers deep."""
+        if depth in self._json:
+            return self._json[depth]
+        if depth == 0:
+            return "json_scalar"
+        inner = self.json_value(depth - 1)
+        items = self.bounded(inner, ", ", MAX_ITEMS)
+        pairs = self.bounded(f'STRING ": " {inner}', ", ", MAX_ITEMS)
+        name = self.rule("json", f'json_scalar | "[" {items} "]" | "{{" {pairs} "}}"')
+        self._json[depth] = name
+        return name
 
     def value(self, schema: Any, refs: Refs, depth: int = 0) -> str:
         """A grammar expression for values of ``schema``."""
         if depth > MAX_DEPTH:
             raise ToolsetError(f"a schema nests deeper than {MAX_DEPTH} levels")
         if schema is True or not isinstance(schema, dict) or not schema:
-            return "json_value"
+            return self.json_value()
         if "$ref" in schema:
             key = (id(refs.root), schema["$ref"])
             if key in self._refs_done:
@@ -108,7 +133,7 @@ class _Builder:
             return name
         nullable = "null" in schema_types(schema)
         expr = self._core(schema, refs, depth)
-        return f"({expr} | NONE)" if nullable and expr not in ("NONE", "json_value") else expr
+        return f"({expr} | NONE)" if nullable and expr != "NONE" and not expr.startswith("json") else expr
 
     def _core(self, schema: dict[str, Any], refs: Refs, depth: int) -> str:
         if "const" in schema:
@@ -117,7 +142,7 @@ class _Builder:
             literals = dict.fromkeys(
                 lark_literal(_python_literal(v)) for v in schema["enum"] if not isinstance(v, (dict, list))
             )
-            return f"({' | '.join(literals)})" if literals else "json_value"
+            return f"({' | '.join(literals)})" if literals else self.json_value()
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key]:
                 alts = dict.fromkeys(self.value(s, refs, depth + 1) for s in schema[key])
@@ -133,7 +158,7 @@ class _Builder:
             elif "null" in schema_types(schema):
                 return "NONE"
             else:
-                return "json_value"
+                return self.json_value()
         alts = dict.fromkeys(self._typed(t, schema, refs, depth) for t in types)
         return next(iter(alts)) if len(alts) == 1 else f"({' | '.join(alts)})"
 
@@ -151,8 +176,8 @@ class _Builder:
             if isinstance(items, list) and items:
                 inner = ' ", " '.join(self.value(s, refs, depth + 1) for s in items)
                 return self.rule("tup", f'"[" {inner} "]"')
-            item = self.value(items, refs, depth + 1) if isinstance(items, dict) else "json_value"
-            return self.rule("arr", f'"[" ({item} (", " {item})*)? "]"')
+            item = self.value(items, refs, depth + 1) if isinstance(items, dict) else self.json_value()
+            return self.rule("arr", f'"[" {self.bounded(item, ", ", MAX_ITEMS)} "]"')
         if type_ == "object":
             props = schema.get("properties")
             if isinstance(props, dict) and props:
@@ -165,10 +190,11 @@ class _Builder:
                 return self.rule("obj", f'"{{" {self.sequence(items)} "}}"')
             extra = schema.get("additionalProperties")
             if isinstance(extra, dict) and extra:
-                v = self.value(extra, refs, depth + 1)
-                return self.rule("map", f'"{{" (STRING ": " {v} (", " STRING ": " {v})*)? "}}"')
-            return "json_dict"
-        return "json_value"
+                pairs = self.bounded(f'STRING ": " {self.value(extra, refs, depth + 1)}', ", ", MAX_ITEMS)
+                return self.rule("map", f'"{{" {pairs} "}}"')
+            pairs = self.bounded(f'STRING ": " {self.json_value()}', ", ", MAX_ITEMS)
+            return self.rule("map", f'"{{" {pairs} "}}"')
+        return self.json_value()
 
     def arguments(self, tool: Tool) -> str:
         items: list[tuple[str, bool]] = []
@@ -191,8 +217,10 @@ def build_grammar(toolset: Toolset, tool_choice: ToolChoice = "auto", parallel: 
     calls = []
     for tool in tools:
         args = builder.arguments(tool)
-        calls.append(builder.rule("tool", f"{lark_literal(tool.py + '(')} {args} \")\""))
+        body = " ".join(part for part in (lark_literal(tool.py + "("), args, '")"') if part)
+        calls.append(builder.rule("tool", body))
     action = "action" if parallel else "single_action"
+    program = builder.bounded('line "\\n"', "", MAX_LINES, at_least=1)
     if tool_choice == "none" or not calls:
         start = "start: text"
     elif tool_choice == "auto":
@@ -201,7 +229,7 @@ def build_grammar(toolset: Toolset, tool_choice: ToolChoice = "auto", parallel: 
         # forced: the code block comes first, so a small model cannot talk its way
         # past the token limit before it acts
         start = f"start: {action}"
-    parts = [start]
+    parts = [start, f"program: {program}"]
     if calls:
         parts.append(f"call: {' | '.join(calls)}")
     else:

@@ -131,6 +131,7 @@ class TypeRenderer:
     refs: Refs
     taken: set[str] = field(default_factory=set)
     decls: list[TypedDictDecl] = field(default_factory=list)
+    shapes: dict[tuple[str, str, Any], str] = field(default_factory=dict)  # shared across tools
     _by_ref: dict[str, str] = field(default_factory=dict)
     _building: set[str] = field(default_factory=set)
 
@@ -158,9 +159,10 @@ class TypeRenderer:
                 cls = self._new_class(name)
                 self._by_ref[ref] = cls
                 self._building.add(cls)
-                self._typed_dict(target, cls, depth)
+                final = self._typed_dict(target, cls, depth)
                 self._building.discard(cls)
-                return cls
+                self._by_ref[ref] = final
+                return final
             self._by_ref[ref] = "Any"  # a recursive non-object reference degrades to Any
             ann = self.annotation(target, name, depth + 1)
             self._by_ref[ref] = ann
@@ -220,23 +222,30 @@ class TypeRenderer:
             return f"list[{self.annotation(items, _singular(hint), depth + 1)}]"
         if type_ == "object":
             if _has_props(schema):
-                cls = self._new_class(hint)
-                self._typed_dict(schema, cls, depth)
-                return cls
+                return self._typed_dict(schema, self._new_class(hint), depth)
             extra = schema.get("additionalProperties")
             if isinstance(extra, dict) and extra:
                 return f"dict[str, {self.annotation(extra, f'{hint}_value', depth + 1)}]"
             return "dict[str, Any]"
         return "Any"
 
-    def _typed_dict(self, schema: Schema, cls: str, depth: int) -> None:
+    def _typed_dict(self, schema: Schema, cls: str, depth: int) -> str:
+        """Declare ``cls`` (or reuse an identical declaration made earlier); returns the name."""
         schema = merge_all_of(schema, self.refs) if "allOf" in schema else schema
         required = set(schema.get("required") or [])
         fields = [
             (key, self.annotation(sub, key, depth + 1), key in required)
             for key, sub in (schema.get("properties") or {}).items()
         ]
-        self.decls.append(TypedDictDecl(cls, fields, schema.get("description")))
+        description = schema.get("description")
+        key = (cls.rstrip("0123456789"), repr(fields), description)
+        same = self.shapes.get(key)
+        if same is not None and f'"{cls}"' not in repr(fields):
+            self.taken.discard(cls)
+            return same
+        self.shapes[key] = cls
+        self.decls.append(TypedDictDecl(cls, fields, description))
+        return cls
 
 
 def _singular(hint: str) -> str:

@@ -73,10 +73,11 @@ def render_tool(tool: Tool, renderer: TypeRenderer) -> str:
 def render_stubs(toolset: Toolset, header: bool = True) -> str:
     """The whole stub module for a toolset."""
     taken = {t.py for t in toolset.tools}
+    shapes: dict[tuple[str, str, Any], str] = {}
     functions = []
     decls_text = []
     for tool in toolset.tools:
-        renderer = TypeRenderer(refs=tool.refs, taken=taken)
+        renderer = TypeRenderer(refs=tool.refs, taken=taken, shapes=shapes)
         functions.append(render_tool(tool, renderer))
         decls_text += [d.render() for d in renderer.decls]
     parts = [HEADER] if header else []

@@ -17,12 +17,13 @@ import orjson
 
 from translators.errors import ToolsetError
 from translators.names import NameMap
-from translators.schema import Refs, check_value, merge_all_of, schema_types
+from translators.schema import MAX_DEPTH, Refs, check_value, merge_all_of, schema_types
 
 __all__ = ["MAX_TOOLS", "Param", "Tool", "Toolset", "ToolsetCache", "tools_digest"]
 
 MAX_TOOLS = 512
 MAX_NAME = 128
+MAX_JSON_DEPTH = 2 * MAX_DEPTH + 8  # schema levels alternate with "properties"/"items" keys
 _MISSING: Any = object()
 
 
@@ -55,7 +56,26 @@ class Tool:
         return None
 
 
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of a JSON tree, counting no further than ``limit + 1``."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                return deepest
+        if isinstance(item, dict):
+            stack += [(v, level + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, level + 1) for v in item]
+    return deepest
+
+
 def tools_digest(tools: Any) -> str:
+    if _depth(tools, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ToolsetError(f"'tools' nests deeper than {MAX_JSON_DEPTH} levels", param="tools")
     return hashlib.sha256(orjson.dumps(tools, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -137,6 +157,7 @@ class Toolset:
             raise ToolsetError("'tools' must be a list", param="tools")
         if len(tools) > MAX_TOOLS:
             raise ToolsetError(f"at most {MAX_TOOLS} tools can be sent at once; got {len(tools)}", param="tools")
+        digest = tools_digest(tools)
         seen: dict[str, int] = {}
         specs: list[tuple[str, str, dict[str, Any], str]] = []
         for i, tool in enumerate(tools):
@@ -177,7 +198,7 @@ class Toolset:
                     refs=refs,
                 )
             )
-        return cls(tools=tuple(built), digest=tools_digest(tools))
+        return cls(tools=tuple(built), digest=digest)
 
     def by_py(self, py: str) -> Tool | None:
         for tool in self.tools:
