@@ -6,7 +6,7 @@ the same sampling settings. Reports how often each output is a parseable, valid
 call (existing function, correctly typed arguments), and generation speed:
 tokens/s constrained over unconstrained. Prints figures; asserts nothing about time.
 
-    .venv/bin/python bench/grammar_bfcl.py [--cases 50] [--max-tokens 160]
+    .venv/bin/python bench/grammar_bfcl.py [--cases 50] [--max-tokens 1024]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import llama_cpp  # noqa: E402
 from llama_cpp import Llama, LlamaGrammar  # noqa: E402
 
 from proxy.backends.llama_grammar import ConstrainedLlama  # noqa: E402
-
 from translators.actions import KernelProgram, StaticCalls, classify  # noqa: E402
 from translators.errors import TranslationError  # noqa: E402
 from translators.gbnf import lark_to_gbnf  # noqa: E402
@@ -63,7 +62,9 @@ def judge(text: str, toolset: Toolset) -> tuple[bool, str]:
     return False, "not a call-only program"
 
 
-def generate(llm: Llama, messages: list[dict[str, Any]], max_tokens: int, grammar: LlamaGrammar | None) -> tuple[str, int, float]:
+def generate(
+    llm: Llama, messages: list[dict[str, Any]], max_tokens: int, grammar: LlamaGrammar | None
+) -> tuple[str, int, float]:
     """(text, completion tokens, seconds spent generating after the prompt)."""
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     started = time.perf_counter()
@@ -73,7 +74,11 @@ def generate(llm: Llama, messages: list[dict[str, Any]], max_tokens: int, gramma
     total = time.perf_counter() - started
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
     prompt_seconds = perf.t_p_eval_ms / 1000
-    return result["choices"][0]["message"]["content"] or "", result["usage"]["completion_tokens"], total - prompt_seconds
+    return (
+        result["choices"][0]["message"]["content"] or "",
+        result["usage"]["completion_tokens"],
+        total - prompt_seconds,
+    )
 
 
 def run(cases: int, max_tokens: int, verbose: bool) -> dict[str, Any]:
@@ -98,9 +103,16 @@ def run(cases: int, max_tokens: int, verbose: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=50)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="enough for the longest output the bounded grammar allows",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     stats = run(args.cases, args.max_tokens, args.verbose)
@@ -108,7 +120,9 @@ def main() -> int:
     speed = {m: s["tokens"] / s["seconds"] if s["seconds"] else 0.0 for m, s in stats.items()}
     print(f"BFCL simple_python, {args.cases} cases, SmolLM2-135M-Instruct Q4_1, temperature 0")
     print(f"  unconstrained: {free['valid']}/{args.cases} valid calls, {speed['free']:.1f} tokens/s")
-    print(f"  constrained:   {constrained['valid']}/{args.cases} valid calls, {speed['grammar']:.1f} tokens/s")
+    print(
+        f"  constrained:   {constrained['valid']}/{args.cases} valid calls, {speed['grammar']:.1f} tokens/s"
+    )
     ratio = speed["grammar"] / speed["free"] if speed["free"] else float("nan")
     print(f"  tokens/s ratio constrained/unconstrained: {ratio:.3f} (target >= 0.85)")
     return 0

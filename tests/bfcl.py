@@ -13,7 +13,9 @@ CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple")
 
 def _data(name: str) -> list[dict[str, Any]]:
     root = importlib.resources.files("bfcl_eval") / "data"
-    return [json.loads(line) for line in (root / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (root / name).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def cases(category: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:

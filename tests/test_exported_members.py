@@ -71,12 +71,25 @@ def test_translators_do_not_import_proxy() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_grammar_is_package_data_and_loads_in_lark() -> None:
-    import lark
+def test_grammar_files_are_package_data() -> None:
+    """The fixed rules load through importlib.resources and complete a generated grammar."""
+    from translators.gbnf import parser_for
+    from translators.grammar import build_grammar
+    from translators.tools import Toolset
 
-    text = grammars.load("response")
-    parser = lark.Lark(text, start="start", parser="earley")
+    assert "action:" in grammars.load("response") and "STRING:" in grammars.load("values")
+    toolset = Toolset.from_openai(
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+    )
+    parser = parser_for(build_grammar(toolset, "auto"))
     tree = parser.parse('Let me check.\n```python\nget_weather(city="Paris")\n```')
-    actions = list(tree.find_data("action"))
-    assert len(actions) == 1
+    assert len(list(tree.find_data("action"))) == 1
     assert parser.parse("Just an answer, no code.")

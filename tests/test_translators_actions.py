@@ -52,7 +52,10 @@ TOOLS = Toolset.from_openai(
         pytest.param('get_weather(city="Paris")', [("get_weather", {"city": "Paris"})], id="one"),
         pytest.param(
             'a = get_weather(city="Paris", unit="c")\nprint(get_weather("Rome", "f", 3))',
-            [("get_weather", {"city": "Paris", "unit": "c"}), ("get_weather", {"city": "Rome", "unit": "f", "days": 3})],
+            [
+                ("get_weather", {"city": "Paris", "unit": "c"}),
+                ("get_weather", {"city": "Rome", "unit": "f", "days": 3}),
+            ],
             id="assigned-printed-positional",
         ),
         pytest.param(
@@ -88,14 +91,28 @@ def test_kernel_programs(source: str) -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        pytest.param('get_weather(town="Paris")', "unexpected keyword argument 'town'; its parameters are: city, unit, days", id="unknown-kw"),
+        pytest.param(
+            'get_weather(town="Paris")',
+            "unexpected keyword argument 'town'; its parameters are: city, unit, days",
+            id="unknown-kw",
+        ),
         pytest.param("get_weather()", "missing required argument(s): city", id="missing"),
-        pytest.param('get_weather(city=3)', "get_weather(city=...) must be string, got an int 3", id="type"),
+        pytest.param("get_weather(city=3)", "get_weather(city=...) must be string, got an int 3", id="type"),
         pytest.param('get_weather(city="P", unit="k")', "must be one of 'c', 'f'; got 'k'", id="enum"),
-        pytest.param('get_weather(city="P", days=True)', "must be integer, got a bool True", id="bool-is-not-int"),
-        pytest.param('get_weather("a", "c", 1, 2)', "takes 3 argument(s) (city, unit, days) but 4 were given", id="too-many"),
+        pytest.param(
+            'get_weather(city="P", days=True)', "must be integer, got a bool True", id="bool-is-not-int"
+        ),
+        pytest.param(
+            'get_weather("a", "c", 1, 2)',
+            "takes 3 argument(s) (city, unit, days) but 4 were given",
+            id="too-many",
+        ),
         pytest.param('get_weather("a", city="b")', "multiple values for argument 'city'", id="twice"),
-        pytest.param('for c in "ab":\n    get_weather(town=c)\nget_weather(city=5)', "must be string", id="checked-in-kernel-programs"),
+        pytest.param(
+            'for c in "ab":\n    get_weather(town=c)\nget_weather(city=5)',
+            "must be string",
+            id="checked-in-kernel-programs",
+        ),
     ],
 )
 def test_call_errors_are_precise(source: str, message: str) -> None:
@@ -122,7 +139,9 @@ def test_bfcl_round_trip(category: str) -> None:
         expected = expected_calls(entry, answer)
         tools = [toolset.by_name(name) for name, _ in expected]
         assert all(tools), entry["id"]
-        source = "\n".join(render_call(tool, args) for tool, (_, args) in zip(tools, expected, strict=True) if tool)
+        source = "\n".join(
+            render_call(tool, args) for tool, (_, args) in zip(tools, expected, strict=True) if tool
+        )
         program = classify(source, toolset, check=False)
         got = [(c.name, c.arguments) for c in program.calls] if isinstance(program, StaticCalls) else None
         if got != expected:
@@ -162,8 +181,14 @@ def test_bfcl_answers_mostly_typecheck() -> None:
             Action('get_weather(city="Paris")', "Let me check."),
             id="action",
         ),
-        pytest.param("```py\n  x = 1\n  print(x)\n```", Action("x = 1\nprint(x)", ""), id="py-fence-dedented"),
-        pytest.param('Here is JSON:\n```json\n{"a": 1}\n```', Answer('Here is JSON:\n```json\n{"a": 1}\n```'), id="json-fence-is-answer"),
+        pytest.param(
+            "```py\n  x = 1\n  print(x)\n```", Action("x = 1\nprint(x)", ""), id="py-fence-dedented"
+        ),
+        pytest.param(
+            'Here is JSON:\n```json\n{"a": 1}\n```',
+            Answer('Here is JSON:\n```json\n{"a": 1}\n```'),
+            id="json-fence-is-answer",
+        ),
     ],
 )
 def test_parse_output(text: str, expected: Answer | Action) -> None:
@@ -194,8 +219,16 @@ def test_history_becomes_code_form() -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-                {"id": "call_2", "type": "function", "function": {"name": "spotify.play", "arguments": '{"artist": "X", "class": 2}'}},
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "spotify.play", "arguments": '{"artist": "X", "class": 2}'},
+                },
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
@@ -206,10 +239,17 @@ def test_history_becomes_code_form() -> None:
     assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
     system = prompt[0]["content"]
     assert system.startswith("Be brief.\n\n")
-    assert "def get_weather(city: str, unit: Literal['c', 'f'] | None = None, days: int | None = None) -> Any:" in system
-    assert "def spotify_play(artist: str, class_: float | None = None) -> Any:" in system
+    assert (
+        "def get_weather(city: str, unit: Literal['c', 'f'] | None = None, days: int | None = None): ..."
+        in system
+    )
+    assert "def spotify_play(artist: str, class_: float | None = None): ..." in system
+    assert "from typing" not in system  # the prompt leaves the import out
     assert prompt[1]["content"] == "Weather in Paris and Rome?"
-    assert prompt[2]["content"] == "```python\nget_weather(city='Paris')\nspotify_play(artist='X', class_=2)\n```"
+    assert (
+        prompt[2]["content"]
+        == "```python\nget_weather(city='Paris')\nspotify_play(artist='X', class_=2)\n```"
+    )
     assert prompt[3]["content"] == (
         "Observation:\nget_weather(city='Paris') -> 18C\n"
         "spotify_play(artist='X', class_=2) -> playing\nresult of unknown -> ?"
@@ -221,7 +261,9 @@ def test_history_becomes_code_form() -> None:
     [
         pytest.param("none", True, "Do not write code", id="none"),
         pytest.param("required", True, "must be a ```python block that calls at least one", id="required"),
-        pytest.param({"type": "function", "function": {"name": "spotify.play"}}, True, "calls spotify_play", id="named"),
+        pytest.param(
+            {"type": "function", "function": {"name": "spotify.play"}}, True, "calls spotify_play", id="named"
+        ),
         pytest.param("auto", False, "one function per reply", id="not-parallel"),
     ],
 )
@@ -233,8 +275,14 @@ def test_tool_choice_in_prompt(tool_choice: Any, parallel: bool, needle: str) ->
 
 def test_bad_history_arguments_do_not_crash() -> None:
     messages: list[dict[str, Any]] = [
-        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "get_weather", "arguments": "{not json"}}]},
-        {"role": "assistant", "tool_calls": [{"id": "d", "function": {"name": "gone.tool", "arguments": '{"a-b": 1, "x": 2}'}}]},
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c", "function": {"name": "get_weather", "arguments": "{not json"}}],
+        },
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "d", "function": {"name": "gone.tool", "arguments": '{"a-b": 1, "x": 2}'}}],
+        },
     ]
     prompt = build_prompt(messages, TOOLS)
     assert "get_weather()  # arguments were not valid JSON" in prompt[1]["content"]
@@ -242,5 +290,5 @@ def test_bad_history_arguments_do_not_crash() -> None:
 
 
 def test_call_json_round_trip() -> None:
-    call = Call("spotify.play", {"artist": "é \"q\"", "class": 1.0})
+    call = Call("spotify.play", {"artist": 'é "q"', "class": 1.0})
     assert json.loads(call.arguments_json) == call.arguments

@@ -54,7 +54,10 @@ TOOLS = Toolset.from_openai(
                 "name": "get_weather",
                 "parameters": {
                     "type": "object",
-                    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+                    "properties": {
+                        "city": {"type": "string"},
+                        "unit": {"type": "string", "enum": ["c", "f"]},
+                    },
                     "required": ["city"],
                 },
             },
@@ -66,7 +69,7 @@ TOOLS = Toolset.from_openai(
 GOLDEN_RULES = """start: text | text? action
 program: line "\\n" more9
 call: tool1 | tool2
-_empty: 
+_empty:
 opt0: ", " "unit=" ("\\"c\\"" | "\\"f\\"") | _empty
 tool1: "get_weather(" "city=" STRING opt0 ")"
 tool2: "now(" ")"
@@ -119,7 +122,19 @@ def test_golden_gbnf(llm: Llama) -> None:
     from translators import grammar as module
 
     toolset = Toolset.from_openai(
-        [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"x": {"type": "integer"}},
+                        "required": ["x"],
+                    },
+                },
+            }
+        ]
     )
     original = module.MAX_LINES
     module.MAX_LINES = 2
@@ -136,18 +151,22 @@ def test_golden_gbnf(llm: Llama) -> None:
     [
         pytest.param("auto", "It is sunny.", True, id="auto-answer"),
         pytest.param("auto", 'Checking.\n```python\nget_weather(city="Paris")\n```', True, id="auto-action"),
-        pytest.param("auto", '```python\nprint(get_weather(city="P", unit="f"))\nnow()\n```', True, id="auto-two-lines"),
+        pytest.param(
+            "auto", '```python\nprint(get_weather(city="P", unit="f"))\nnow()\n```', True, id="auto-two-lines"
+        ),
         pytest.param("auto", '```python\nget_weather(city="P", unit="k")\n```', False, id="enum-refused"),
-        pytest.param("auto", '```python\nget_weather(city=5)\n```', False, id="type-refused"),
+        pytest.param("auto", "```python\nget_weather(city=5)\n```", False, id="type-refused"),
         pytest.param("auto", '```python\nget_weather(town="P")\n```', False, id="unknown-kw-refused"),
         pytest.param("auto", '```python\nos.system("rm")\n```', False, id="unknown-function-refused"),
-        pytest.param("auto", '```python\nx = now()\n```', False, id="no-assignment"),
+        pytest.param("auto", "```python\nx = now()\n```", False, id="no-assignment"),
         pytest.param("none", "Just text.", True, id="none-text"),
-        pytest.param("none", '```python\nnow()\n```', False, id="none-refuses-code"),
+        pytest.param("none", "```python\nnow()\n```", False, id="none-refuses-code"),
         pytest.param("required", "Just text.", False, id="required-refuses-text"),
-        pytest.param("required", '```python\nnow()\n```', True, id="required-action"),
-        pytest.param("function:now", '```python\nnow()\n```', True, id="named"),
-        pytest.param("function:now", '```python\nget_weather(city="P")\n```', False, id="named-refuses-other"),
+        pytest.param("required", "```python\nnow()\n```", True, id="required-action"),
+        pytest.param("function:now", "```python\nnow()\n```", True, id="named"),
+        pytest.param(
+            "function:now", '```python\nget_weather(city="P")\n```', False, id="named-refuses-other"
+        ),
     ],
 )
 def test_grammar_accepts_and_refuses(choice: str, text: str, ok: bool) -> None:
@@ -161,19 +180,33 @@ def test_grammar_accepts_and_refuses(choice: str, text: str, ok: bool) -> None:
 
 def test_single_call_when_not_parallel() -> None:
     parser = parser_for(build_grammar(TOOLS, "auto", parallel=False))
-    parser.parse('```python\nnow()\n```')
+    parser.parse("```python\nnow()\n```")
     with pytest.raises(lark.exceptions.LarkError):
-        parser.parse('```python\nnow()\nnow()\n```')
+        parser.parse("```python\nnow()\nnow()\n```")
 
 
 def test_program_and_list_lengths_are_bounded() -> None:
     toolset = Toolset.from_openai(
-        [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}}}}]
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"xs": {"type": "array", "items": {"type": "integer"}}},
+                    },
+                },
+            }
+        ]
     )
     parser = parser_for(build_grammar(toolset, "auto"))
     parser.parse("```python\n" + "f()\n" * 16 + "```")
     parser.parse("```python\nf(xs=[" + ", ".join(["1"] * 16) + "])\n```")
-    for too_long in ("```python\n" + "f()\n" * 17 + "```", "```python\nf(xs=[" + ", ".join(["1"] * 17) + "])\n```"):
+    for too_long in (
+        "```python\n" + "f()\n" * 17 + "```",
+        "```python\nf(xs=[" + ", ".join(["1"] * 17) + "])\n```",
+    ):
         with pytest.raises(lark.exceptions.LarkError):
             parser.parse(too_long)
 
@@ -221,7 +254,9 @@ def test_constrained_generation_is_always_a_valid_call(llm: ConstrainedLlama) ->
         toolset = Toolset.from_openai(tools_of(entry))
         grammar = LlamaGrammar.from_string(lark_to_gbnf(build_grammar(toolset, "required")), verbose=False)
         messages: Any = build_prompt(entry["question"][0], toolset, tool_choice="required")
-        result: Any = llm.create_chat_completion(messages=messages, max_tokens=400, temperature=0.0, grammar=grammar)
+        result: Any = llm.create_chat_completion(
+            messages=messages, max_tokens=400, temperature=0.0, grammar=grammar
+        )
         text = result["choices"][0]["message"]["content"]
         output = parse_output(text)
         assert isinstance(output, Action), text
@@ -241,7 +276,9 @@ def test_grammar_second_sampling_matches_grammar_in_chain(llm: ConstrainedLlama)
             outputs = []
             for model in (plain, llm):
                 grammar = LlamaGrammar.from_string(gbnf, verbose=False)
-                result: Any = model.create_chat_completion(messages=messages, max_tokens=40, temperature=0.0, grammar=grammar)
+                result: Any = model.create_chat_completion(
+                    messages=messages, max_tokens=40, temperature=0.0, grammar=grammar
+                )
                 outputs.append(result["choices"][0]["message"]["content"])
             assert outputs[0] == outputs[1]
         sampler = llm.last_sampler

@@ -60,7 +60,12 @@ WEATHER = fn(
                 "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
                 "required": ["city"],
             },
-            "unit": {"type": "string", "enum": ["c", "f"], "default": "c", "description": "Temperature unit."},
+            "unit": {
+                "type": "string",
+                "enum": ["c", "f"],
+                "default": "c",
+                "description": "Temperature unit.",
+            },
             "days": {"type": "integer", "description": "How many days\nof forecast."},
         },
         "required": ["location"],
@@ -75,15 +80,12 @@ class Location(TypedDict):
     city: str
     country: NotRequired[str]
 
-def get_weather(location: Location, unit: Literal['c', 'f'] = 'c', days: int | None = None) -> Any:
+def get_weather(location: Location, unit: Literal['c', 'f'] = 'c', days: int | None = None):
     """Current weather and forecast.
 
-    Args:
-        location: Where.
-        unit: Temperature unit.
-        days: How many days of forecast.
-    """
-    ...
+    location: Where.
+    unit: Temperature unit.
+    days: How many days of forecast."""
 '''
 
 
@@ -98,7 +100,10 @@ KITCHEN_SINK = fn(
         "$defs": {
             "Node": {
                 "type": "object",
-                "properties": {"value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+                "properties": {
+                    "value": {"type": "integer"},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
+                },
                 "required": ["value"],
             },
             "Color": {"type": "string", "enum": ["red", "green"]},
@@ -112,7 +117,12 @@ KITCHEN_SINK = fn(
             "scores": {"type": "object", "additionalProperties": {"type": "number"}},
             "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
             "kw": {"type": "object", "properties": {"from": {"type": "string"}}, "required": ["from"]},
-            "merged": {"allOf": [{"type": "object", "properties": {"x": {"type": "number"}}}, {"properties": {"y": {"type": "boolean"}}}]},
+            "merged": {
+                "allOf": [
+                    {"type": "object", "properties": {"x": {"type": "number"}}},
+                    {"properties": {"y": {"type": "boolean"}}},
+                ]
+            },
             "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]},
             "bfcl_tuple": {"type": "tuple", "items": {"type": "float"}},
             "bfcl_dict": {"type": "dict", "properties": {"q": {"type": "any"}}},
@@ -139,9 +149,8 @@ class Merged(TypedDict):
 class BfclDict(TypedDict):
     q: NotRequired[Any]
 
-def class_(first_name: str | None, tree: Node, color: Literal['red', 'green'] | None = None, mode: Literal['a', 'b'] | None = None, k: Literal[3] | None = None, scores: dict[str, float] | None = None, either: str | int | None = None, kw: Kw | None = None, merged: Merged | None = None, pair: tuple[str, int] | None = None, bfcl_tuple: tuple[float, ...] | None = None, bfcl_dict: BfclDict | None = None, nullable_30: str | None = None, flag: bool = False) -> Any:
+def class_(first_name: str | None, tree: Node, color: Literal['red', 'green'] | None = None, mode: Literal['a', 'b'] | None = None, k: Literal[3] | None = None, scores: dict[str, float] | None = None, either: str | int | None = None, kw: Kw | None = None, merged: Merged | None = None, pair: tuple[str, int] | None = None, bfcl_tuple: tuple[float, ...] | None = None, bfcl_dict: BfclDict | None = None, nullable_30: str | None = None, flag: bool = False):
     """Says \\"\\"\\"hi\\"\\"\\" \\\\ ok"""
-    ...
 '''
 
 
@@ -158,7 +167,10 @@ def test_golden_kitchen_sink() -> None:
 def test_shared_shapes_are_declared_once() -> None:
     point = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
     toolset = Toolset.from_openai(
-        [fn("a", {"type": "object", "properties": {"point": point}}), fn("b", {"type": "object", "properties": {"point": point}})]
+        [
+            fn("a", {"type": "object", "properties": {"point": point}}),
+            fn("b", {"type": "object", "properties": {"point": point}}),
+        ]
     )
     source = render_stubs(toolset)
     assert source.count("class Point(TypedDict)") == 1
@@ -179,13 +191,21 @@ BAD_TOOLSETS = [
     pytest.param([fn("has space")], "tools[0].function.name", id="space-in-name"),
     pytest.param([fn("a"), fn("a")], "tools[1].function.name", id="duplicate"),
     pytest.param([fn("a", {"type": "string"})], "tools[0].function.parameters", id="non-object-parameters"),
-    pytest.param([fn("a", {"type": "object", "properties": []})], "tools[0].function.parameters.properties", id="bad-properties"),
+    pytest.param(
+        [fn("a", {"type": "object", "properties": []})],
+        "tools[0].function.parameters.properties",
+        id="bad-properties",
+    ),
     pytest.param(
         [fn("a", {"type": "object", "properties": {}, "required": ["x"]})],
         "tools[0].function.parameters.required",
         id="required-unknown",
     ),
-    pytest.param([fn("a", {"type": "object", "properties": {"x": 5}})], "tools[0].function.parameters.properties.x", id="bad-param-schema"),
+    pytest.param(
+        [fn("a", {"type": "object", "properties": {"x": 5}})],
+        "tools[0].function.parameters.properties.x",
+        id="bad-param-schema",
+    ),
     pytest.param([fn(f"t{i}") for i in range(MAX_TOOLS + 1)], "tools", id="too-many"),
 ]
 
@@ -208,7 +228,11 @@ def test_deep_nesting_is_refused_not_crashed() -> None:
     shallow: dict[str, Any] = {"type": "string"}
     for _ in range(30):
         shallow = {"type": "object", "properties": {"a": shallow}}
-    compile(render_stubs(Toolset.from_openai([fn("ok", {"type": "object", "properties": {"x": shallow}})])), "s", "exec")
+    compile(
+        render_stubs(Toolset.from_openai([fn("ok", {"type": "object", "properties": {"x": shallow}})])),
+        "s",
+        "exec",
+    )
 
 
 def test_cache_by_digest() -> None:

@@ -118,17 +118,18 @@ def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any], check: bool 
             f"{tool.py}() takes {len(tool.params)} argument(s) ({signature}) but {len(args)} were given"
         )
     bound: dict[str, Any] = {}
-    for param, value in zip(tool.params, args, strict=False):
-        bound[param.name] = value
+    for positional, value in zip(tool.params, args, strict=False):
+        bound[positional.name] = value
     for py, value in kwargs.items():
-        param = tool.param_for_py(py)
-        if param is None:
-            param = next((p for p in tool.params if p.name == py), None)  # the schema's own spelling
+        # the stub's keyword, or the schema's own spelling
+        param = tool.param_for_py(py) or next((p for p in tool.params if p.name == py), None)
         if param is None and not check:
             bound[py] = value  # unchecked: kept as written
             continue
         if param is None:
-            raise CallError(f"{tool.py}() got an unexpected keyword argument {py!r}; its parameters are: {signature}")
+            raise CallError(
+                f"{tool.py}() got an unexpected keyword argument {py!r}; its parameters are: {signature}"
+            )
         if param.name in bound:
             raise CallError(f"{tool.py}() got multiple values for argument {param.py!r}")
         bound[param.name] = value
@@ -202,7 +203,9 @@ def classify(source: str, toolset: Toolset, check: bool = True) -> StaticCalls |
     """Parse and classify a program; ``check=False`` skips the schema checks of literal values."""
     module = parse_program(source)
     if not module.body:
-        raise OutputError("The python block is empty; write the calls to make, or answer without a code block.")
+        raise OutputError(
+            "The python block is empty; write the calls to make, or answer without a code block."
+        )
     assigned: set[str] = set()
     calls: list[Call] = []
     for stmt in module.body:

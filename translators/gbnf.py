@@ -16,8 +16,8 @@ rules); this module writes those rules as GBNF:
 
 from __future__ import annotations
 
-import re._constants as sre_c
-import re._parser as sre_parse
+import re._constants as sre_c  # type: ignore[import-not-found]
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from typing import Any
 
 from lark import Lark
@@ -123,7 +123,12 @@ def _item(op: Any, av: Any) -> str:
     if op is sre_c.BRANCH:
         _, alternatives = av
         return "(" + " | ".join(_seq(a) for a in alternatives) + ")"
-    if op is sre_c.AT and av in (sre_c.AT_BEGINNING, sre_c.AT_END, sre_c.AT_BEGINNING_STRING, sre_c.AT_END_STRING):
+    if op is sre_c.AT and av in (
+        sre_c.AT_BEGINNING,
+        sre_c.AT_END,
+        sre_c.AT_BEGINNING_STRING,
+        sre_c.AT_END_STRING,
+    ):
         return ""
     raise GrammarError(f"regex construct {op} has no GBNF form")
 
@@ -212,9 +217,6 @@ def lark_to_gbnf(grammar: str | Lark, start: str = "start") -> str:
         pattern = terminal.pattern
         if pattern.flags:
             raise GrammarError(f"terminal {name} uses regex flags, which GBNF cannot express")
-        if pattern.type == "str":
-            body = _literal(pattern.value)
-        else:
-            body = regex_to_gbnf(pattern.value)
+        body = _literal(pattern.value) if pattern.type == "str" else regex_to_gbnf(pattern.value)
         lines.append(f"{_term_name(name)} ::= {body}")
     return "\n".join(lines) + "\n"

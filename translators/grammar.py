@@ -40,7 +40,8 @@ def normalize_tool_choice(tool_choice: Any, toolset: Toolset) -> ToolChoice:
         if isinstance(name, str) and toolset.by_name(name) is not None:
             return f"function:{name}"
         raise ToolsetError(
-            f"tool_choice names function {name!r}, which is not among the request's tools", param="tool_choice"
+            f"tool_choice names function {name!r}, which is not among the request's tools",
+            param="tool_choice",
         )
     raise ToolsetError("tool_choice must be 'none', 'auto', 'required' or a function", param="tool_choice")
 
@@ -60,9 +61,14 @@ def _python_literal(value: Any) -> str:
     return repr(value)
 
 
+def _key_literal(key: str) -> str:
+    """A dict key and its colon, ``"name": ``, as a Lark literal."""
+    return lark_literal(json.dumps(key, ensure_ascii=False) + ": ")
+
+
 @dataclass
 class _Builder:
-    rules: list[str] = field(default_factory=lambda: ["_empty: "])
+    rules: list[str] = field(default_factory=lambda: ["_empty:"])
     _count: int = 0
     _json: dict[int, str] = field(default_factory=dict)
     _refs_done: dict[tuple[int, str], str] = field(default_factory=dict)
@@ -184,7 +190,10 @@ class _Builder:
                 required = set(schema.get("required") or [])
                 order = [k for k in props if k in required] + [k for k in props if k not in required]
                 items = [
-                    (f"{lark_literal(json.dumps(k, ensure_ascii=False) + ': ')} {self.value(props[k], refs, depth + 1)}", k in required)
+                    (
+                        f"{_key_literal(k)} {self.value(props[k], refs, depth + 1)}",
+                        k in required,
+                    )
                     for k in order
                 ]
                 return self.rule("obj", f'"{{" {self.sequence(items)} "}}"')

@@ -142,7 +142,12 @@ def _server_url(spec: dict[str, Any]) -> str | None:
 
 
 def _operation(
-    resolver: _Resolver, spec: dict[str, Any], path: str, method: str, path_item: dict[str, Any], op: dict[str, Any]
+    resolver: _Resolver,
+    spec: dict[str, Any],
+    path: str,
+    method: str,
+    path_item: dict[str, Any],
+    op: dict[str, Any],
 ) -> Operation:
     defs: dict[str, Any] = {}
     properties: dict[str, Any] = {}
@@ -160,7 +165,7 @@ def _operation(
             continue
         schema = param.get("schema")
         if schema is None and isinstance(param.get("content"), dict):
-            media = next(iter(param["content"].values()), {}) or {}
+            media: dict[str, Any] = next(iter(param["content"].values()), {}) or {}
             schema = media.get("schema")
         schema = resolver.schema_with_defs(schema or {"type": "string"}, defs)
         if param.get("description") and isinstance(schema, dict) and "description" not in schema:
@@ -277,8 +282,8 @@ def build_request(http: HttpSpec, arguments: dict[str, Any], base_url: str | Non
         spec = http.args.get(key)
         if spec is None:
             raise ToolsetError(f"{key!r} is not an argument of {http.method} {http.path}")
-        if value is None:
-            continue
+        if value is None and spec.location not in ("body", "body_field"):
+            continue  # an absent parameter; in a JSON body, None is an explicit null
         if spec.location == "path":
             path = path.replace("{" + spec.name + "}", urllib.parse.quote(_scalar(value), safe=""))
         elif spec.location == "query":
@@ -300,7 +305,9 @@ def build_request(http: HttpSpec, arguments: dict[str, Any], base_url: str | Non
     url = base + path + (("?" + urllib.parse.urlencode(query)) if query else "")
     body: bytes | None = None
     payload = fields if fields else raw_body
-    if payload is not None or (fields == {} and http.body_media_type and http.method in ("POST", "PUT", "PATCH")):
+    if payload is not None or (
+        fields == {} and http.body_media_type and http.method in ("POST", "PUT", "PATCH")
+    ):
         media = http.body_media_type or "application/json"
         if payload is None:
             payload = {}

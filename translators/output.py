@@ -35,20 +35,21 @@ def parse_output(text: str) -> Answer | Action:
     if not fences:
         return Answer(text.strip())
     if len(fences) % 2:
-        raise OutputError(
-            "The code block is not closed: end the python block with a line holding only ```."
-        )
+        raise OutputError("The code block is not closed: end the python block with a line holding only ```.")
     blocks = [(fences[i], fences[i + 1]) for i in range(0, len(fences), 2)]
     code_blocks = [(o, c) for o, c in blocks if o.group(1).lower() in _CODE_LANGS]
     if not code_blocks:
         return Answer(text.strip())  # fenced non-Python text (a JSON sample, say) is part of an answer
     if len(code_blocks) > 1:
         raise OutputError(
-            f"The reply has {len(code_blocks)} python blocks; put all the code in exactly one ```python block."
+            f"The reply has {len(code_blocks)} python blocks; "
+            "put all the code in exactly one ```python block."
         )
     opening, closing = code_blocks[0]
     source = text[opening.end() : closing.start()].strip("\n")
     if not source.strip():
-        raise OutputError("The python block is empty; write the calls to make, or answer without a code block.")
+        raise OutputError(
+            "The python block is empty; write the calls to make, or answer without a code block."
+        )
     thought = text[: opening.start()].strip()
     return Action(source=textwrap.dedent(source), thought=thought)

@@ -28,14 +28,16 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
     return str(content)
 
 
 def action_instructions(toolset: Toolset, tool_choice: Any = "auto", parallel: bool = True) -> str:
     if tool_choice == "none":
         return "Answer in plain text. Do not write code in this reply."
-    stubs = render_stubs(toolset).rstrip("\n")
+    stubs = render_stubs(toolset, header=False).rstrip("\n")
     lines = [
         "You can act by writing Python. These functions are already defined; do not define or import them:",
         "",
@@ -127,5 +129,7 @@ def build_prompt(
         )
         out.append({"role": "user", "content": content if has_media else content_text(content)})
     flush_observations()
-    system = "\n\n".join([p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel)])
+    system = "\n\n".join(
+        [p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel)]
+    )
     return [{"role": "system", "content": system}, *out]

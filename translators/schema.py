@@ -15,13 +15,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from translators.errors import ToolsetError
+from translators.names import RESERVED
 
-__all__ = ["Refs", "TypeRenderer", "TypedDictDecl", "check_value", "docstring", "merge_all_of", "schema_types"]
+__all__ = [
+    "Refs",
+    "TypeRenderer",
+    "TypedDictDecl",
+    "check_value",
+    "docstring",
+    "merge_all_of",
+    "schema_types",
+    "split_union",
+]
 
 Schema = dict[str, Any]
 
-_SCALARS = {"string": "str", "integer": "int", "number": "float", "float": "float", "boolean": "bool", "null": "None"}
-_ALIASES = {"dict": "object", "float": "number", "int": "integer", "str": "string", "bool": "boolean", "list": "array"}
+_SCALARS = {
+    "string": "str",
+    "integer": "int",
+    "number": "float",
+    "float": "float",
+    "boolean": "bool",
+    "null": "None",
+}
+_ALIASES = {
+    "dict": "object",
+    "float": "number",
+    "int": "integer",
+    "str": "string",
+    "bool": "boolean",
+    "list": "array",
+}
 MAX_DEPTH = 64
 
 
@@ -80,10 +104,41 @@ def merge_all_of(schema: Schema, refs: Refs) -> Schema:
     return merged
 
 
+def split_union(ann: str) -> list[str]:
+    """``A | list[B | C] | None`` -> ``["A", "list[B | C]", "None"]``: top-level members only."""
+    parts, depth, start, quote = [], 0, 0, ""
+    i = 0
+    while i < len(ann):
+        c = ann[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif depth == 0 and ann.startswith(" | ", i):
+            parts.append(ann[start:i])
+            start = i + 3
+            i += 2
+        i += 1
+    parts.append(ann[start:])
+    return parts
+
+
 def _class_name(hint: str) -> str:
     parts = [p for p in "".join(c if c.isalnum() else " " for c in hint).split() if p]
     name = "".join(p[:1].upper() + p[1:] for p in parts) or "Object"
-    return "_" + name if name[0].isdigit() else name
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name)
+    if name[0].isdigit():
+        name = "_" + name
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED:
+        name += "_"
+    return name
 
 
 def _literal(value: Any) -> str:
@@ -113,14 +168,18 @@ class TypedDictDecl:
         return f"{self.name} = TypedDict({self.name!r}, {{{items}}})"
 
 
-def docstring(text: str, indent: int) -> str:
-    """A docstring literal for ``text``, continuation lines indented by ``indent``."""
+def docstring(text: str, indent: int, close_inline: bool = False) -> str:
+    """A docstring literal for ``text``, continuation lines indented by ``indent``;
+    ``close_inline`` puts the closing quotes on the last line."""
     body = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"').strip()
     pad = " " * indent
     lines = body.split("\n")
     if len(lines) == 1:
         return f'"""{body + " " if body.endswith(chr(34)) else body}"""'
     rest = [pad + line if line.strip() else "" for line in lines[1:]]
+    if close_inline:
+        last = rest[-1] + " " if rest[-1].endswith('"') else rest[-1]
+        return '"""' + "\n".join([lines[0], *rest[:-1], last]) + '"""'
     return '"""' + "\n".join([lines[0], *rest]) + "\n" + pad + '"""'
 
 
@@ -169,7 +228,7 @@ class TypeRenderer:
             return ann
         nullable = "null" in schema_types(schema)
         ann = self._core(schema, hint, depth)
-        if nullable and ann != "None" and not ann.endswith("| None") and ann != "Any":
+        if nullable and ann != "Any" and "None" not in split_union(ann):
             ann = f"{ann} | None"
         return ann
 
@@ -188,7 +247,7 @@ class TypeRenderer:
                 parts: list[str] = []
                 for i, sub in enumerate(schema[key]):
                     ann = self.annotation(sub, f"{hint}_{i}" if len(schema[key]) > 1 else hint, depth + 1)
-                    for piece in ann.split(" | ") if not ann.startswith("Literal[") else [ann]:
+                    for piece in split_union(ann):
                         if piece not in parts:
                             parts.append(piece)
                 if "Any" in parts:
@@ -208,7 +267,9 @@ class TypeRenderer:
         if type_ == "any":
             return "Any"
         if type_ == "tuple" or (type_ == "array" and isinstance(schema.get("prefixItems"), list)):
-            items = schema.get("prefixItems") or (schema.get("items") if isinstance(schema.get("items"), list) else None)
+            items = schema.get("prefixItems") or (
+                schema.get("items") if isinstance(schema.get("items"), list) else None
+            )
             if items:
                 inner = ", ".join(self.annotation(s, f"{hint}_item", depth + 1) for s in items)
                 return f"tuple[{inner}]"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from translators.schema import TypeRenderer, docstring
+from translators.schema import TypeRenderer, docstring, split_union
 from translators.tools import Param, Tool, Toolset
 
 __all__ = ["HEADER", "render_stubs", "render_tool", "render_value"]
@@ -45,33 +45,36 @@ def _param(renderer: TypeRenderer, tool: Tool, param: Param) -> str:
         return f"{param.py}: {ann}"
     if param.has_default and param.default is not None:
         return f"{param.py}: {ann} = {render_value(param.default)}"
-    if ann != "Any" and not ann.endswith("None"):
+    if ann != "Any" and "None" not in split_union(ann):
         ann = f"{ann} | None"
     return f"{param.py}: {ann} = None"
 
 
 def _doc(tool: Tool) -> str:
-    lines = [tool.description.strip()] if tool.description.strip() else []
+    lines = [" ".join(tool.description.split())] if tool.description.strip() else []
     described = [(p.py, str(p.schema.get("description", "")).strip()) for p in tool.params]
     described = [(py, text) for py, text in described if text]
     if described:
         if lines:
             lines.append("")
-        lines.append("Args:")
-        lines += [f"    {py}: {' '.join(text.split())}" for py, text in described]
+        lines += [f"{py}: {' '.join(text.split())}" for py, text in described]
     return "\n".join(lines)
 
 
 def render_tool(tool: Tool, renderer: TypeRenderer) -> str:
-    """One ``def`` (its TypedDicts land in ``renderer.decls``)."""
+    """One ``def`` (its TypedDicts land in ``renderer.decls``): the signature, and a
+    docstring holding the description and one ``name: text`` line per documented parameter.
+    Compact on purpose: every token here is paid on every request."""
     params = ", ".join(_param(renderer, tool, p) for p in tool.params)
     doc = _doc(tool)
-    body = f"    {docstring(doc, 4)}\n    ..." if doc else "    ..."
-    return f"def {tool.py}({params}) -> Any:\n{body}"
+    if not doc:
+        return f"def {tool.py}({params}): ..."
+    return f"def {tool.py}({params}):\n    {docstring(doc, 4, close_inline=True)}"
 
 
 def render_stubs(toolset: Toolset, header: bool = True) -> str:
-    """The whole stub module for a toolset."""
+    """The whole stub module for a toolset. ``header=False`` leaves out the typing import
+    (the prompt does: models know those names), the module still compiles with it."""
     taken = {t.py for t in toolset.tools}
     shapes: dict[tuple[str, str, Any], str] = {}
     functions = []

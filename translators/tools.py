@@ -9,6 +9,7 @@ orders parameters the way the stubs show them: required first, then optional.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -94,10 +95,8 @@ def _json_default(schema: dict[str, Any], refs: Refs) -> Any:
         lowered = value.strip().lower()
         candidates: list[Any] = [lowered == "true"] if lowered in ("true", "false") else []
         for convert in (int, float):
-            try:
+            with contextlib.suppress(ValueError):
                 candidates.append(convert(value))
-            except ValueError:
-                pass
         for candidate in candidates:
             if not check_value(schema, candidate, "default", refs):
                 return candidate
@@ -156,33 +155,52 @@ class Toolset:
         if not isinstance(tools, list):
             raise ToolsetError("'tools' must be a list", param="tools")
         if len(tools) > MAX_TOOLS:
-            raise ToolsetError(f"at most {MAX_TOOLS} tools can be sent at once; got {len(tools)}", param="tools")
+            raise ToolsetError(
+                f"at most {MAX_TOOLS} tools can be sent at once; got {len(tools)}", param="tools"
+            )
         digest = tools_digest(tools)
         seen: dict[str, int] = {}
         specs: list[tuple[str, str, dict[str, Any], str]] = []
         for i, tool in enumerate(tools):
             where = f"tools[{i}]"
-            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-                raise ToolsetError(f"{where} must be {{'type': 'function', 'function': {{...}}}}", param=where)
+            if (
+                not isinstance(tool, dict)
+                or tool.get("type") != "function"
+                or not isinstance(tool.get("function"), dict)
+            ):
+                raise ToolsetError(
+                    f"{where} must be {{'type': 'function', 'function': {{...}}}}", param=where
+                )
             fn = tool["function"]
             name = fn.get("name")
-            if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or any(c.isspace() for c in name):
+            if (
+                not isinstance(name, str)
+                or not name.strip()
+                or len(name) > MAX_NAME
+                or any(c.isspace() for c in name)
+            ):
                 raise ToolsetError(
-                    f"{where}.function.name must be a non-empty name of at most {MAX_NAME} characters, no spaces",
+                    f"{where}.function.name must be a non-empty name of at most {MAX_NAME} characters, "
+                    "no spaces",
                     param=f"{where}.function.name",
                 )
             if name in seen:
                 raise ToolsetError(
-                    f"tool name {name!r} appears twice (tools[{seen[name]}] and {where}); names must be unique",
+                    f"tool name {name!r} appears twice (tools[{seen[name]}] and {where}); "
+                    "names must be unique",
                     param=f"{where}.function.name",
                 )
             seen[name] = i
             parameters = fn.get("parameters") or {"type": "object", "properties": {}}
             if not isinstance(parameters, dict):
-                raise ToolsetError(f"{name}: 'parameters' must be an object", param=f"{where}.function.parameters")
+                raise ToolsetError(
+                    f"{name}: 'parameters' must be an object", param=f"{where}.function.parameters"
+                )
             description = fn.get("description") or ""
             if not isinstance(description, str):
-                raise ToolsetError(f"{name}: 'description' must be a string", param=f"{where}.function.description")
+                raise ToolsetError(
+                    f"{name}: 'description' must be a string", param=f"{where}.function.description"
+                )
             specs.append((name, description, parameters, f"{where}.function"))
         names = NameMap([s[0] for s in specs])
         built = []

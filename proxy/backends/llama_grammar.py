@@ -22,7 +22,8 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LlamaGrammar
+from llama_cpp import Llama
+from llama_cpp.llama_grammar import LlamaGrammar
 
 __all__ = ["ConstrainedLlama", "GrammarFirstSampler"]
 
@@ -94,9 +95,9 @@ class ConstrainedLlama(Llama):
 
     last_sampler: GrammarFirstSampler | None = None
 
-    def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
+    def _init_sampler(self, **kwargs: Any) -> Any:  # type: ignore[override]
         grammar = kwargs.pop("grammar", None)
-        base = super()._init_sampler(*args, grammar=None, **kwargs)
+        base = super()._init_sampler(grammar=None, **kwargs)
         if grammar is None:
             return base
         sampler = GrammarFirstSampler(base, self._model, grammar, self._n_vocab)
