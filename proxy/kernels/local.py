@@ -1,0 +1,232 @@
+"""Local ipykernel processes through jupyter_client's async API.
+
+- IPC transport (unix sockets in a private runtime directory): ipykernel warns that
+  TCP traffic between proxy and kernel is unencrypted, and nothing else needs to reach it.
+- A minimal environment: PATH, HOME (the kernel's own directory), locale; never the
+  proxy's environment, so no API key or proxy secret reaches user code.
+- Its own working directory per kernel (a kernel serves one session, then is discarded).
+- Optional resource limits (address space, CPU seconds, open files), applied by a
+  tiny launcher before it execs ipykernel.
+
+Local processes share the host's kernel, users and network: see the README's
+"Kernel isolation" section for what that cannot prevent, and gVisor/containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from proxy.kernels.base import KernelConnection, KernelProvider, Message
+
+__all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits"]
+
+log = logging.getLogger("cablectl.kernels")
+
+SPEC_NAME = "cablectl-python"
+
+# Applies rlimits, then becomes ipykernel. Runs with the scrubbed env, so it imports nothing of ours.
+_LAUNCHER = (
+    "import os, resource, sys\n"
+    "mem, cpu, files = (int(x) for x in sys.argv[1:4])\n"
+    "if mem: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
+    "if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))\n"
+    "if files: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'ipykernel_launcher', *sys.argv[4:]])\n"
+)
+
+
+class ResourceLimits:
+    def __init__(self, memory_bytes: int = 0, cpu_seconds: int = 0, open_files: int = 0) -> None:
+        self.memory_bytes = memory_bytes
+        self.cpu_seconds = cpu_seconds
+        self.open_files = open_files
+
+
+class LocalKernel(KernelConnection):
+    def __init__(self, manager: AsyncKernelManager, workdir: Path) -> None:
+        self.manager = manager
+        self.kernel_id = manager.kernel_id or uuid.uuid4().hex
+        self.workdir = workdir
+        self.client = manager.client()
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._pumps: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def open(self, timeout: float) -> None:
+        self.client.start_channels()
+        await self.client.wait_for_ready(timeout=timeout)
+        for channel, getter in (
+            ("iopub", self.client.get_iopub_msg),
+            ("shell", self.client.get_shell_msg),
+            ("stdin", self.client.get_stdin_msg),
+        ):
+            self._pumps.append(asyncio.create_task(self._pump(channel, getter)))
+
+    async def _pump(self, channel: str, getter: Any) -> None:
+        while True:
+            try:
+                msg = await getter(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the channel closed under us: the kernel is going away
+                return
+            msg["channel"] = channel
+            self._queue.put_nowait(msg)
+
+    async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
+        return str(
+            self.client.execute(code, store_history=False, allow_stdin=allow_stdin, stop_on_error=True)
+        )
+
+    async def input_reply(self, value: str, parent: Message) -> None:
+        # the client's own input() routes the reply to the stdin channel with the right parent
+        msg = self.client.session.msg("input_reply", {"value": value}, parent=parent)
+        self.client.stdin_channel.send(msg)
+
+    async def next_message(self, timeout: float) -> Message | None:
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def interrupt(self) -> None:
+        await self.manager.interrupt_kernel()
+
+    async def is_alive(self) -> bool:
+        return bool(await self.manager.is_alive())
+
+    def pid(self) -> int | None:
+        provisioner = self.manager.provisioner
+        process = getattr(provisioner, "process", None)
+        return getattr(process, "pid", None)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._pumps:
+            task.cancel()
+        for task in self._pumps:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        try:
+            await self.manager.shutdown_kernel(now=True)
+        except Exception:  # already dead or half-started: make sure the process is gone
+            log.debug("kernel %s shutdown raised; killing", self.kernel_id, exc_info=True)
+            if self.manager.provisioner is not None:
+                with contextlib.suppress(Exception):
+                    await self.manager.provisioner.kill()
+        with contextlib.suppress(Exception):
+            await self.manager.cleanup_resources()  # connection file and ipc sockets
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalKernelProvider(KernelProvider):
+    """Starts ipykernel processes; ``root`` holds their runtime files and working directories."""
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        limits: ResourceLimits | None = None,
+        startup_timeout: float = 60.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self._own_root = root is None
+        self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.limits = limits or ResourceLimits()
+        self.startup_timeout = startup_timeout
+        self.extra_env = dict(extra_env or {})
+        self._specs = self.root / "kernelspecs"
+        spec_dir = self._specs / SPEC_NAME
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-c",
+            _LAUNCHER,
+            str(self.limits.memory_bytes),
+            str(self.limits.cpu_seconds),
+            str(self.limits.open_files),
+            "-f",
+            "{connection_file}",
+        ]
+        (spec_dir / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": argv,
+                    "display_name": "cablectl Python",
+                    "language": "python",
+                    "interrupt_mode": "signal",
+                }
+            )
+        )
+        self._spec_manager = KernelSpecManager(kernel_dirs=[str(self._specs)])
+        self.started_pids: list[int] = []  # every kernel process this provider launched
+
+    def kernel_env(self, workdir: Path) -> dict[str, str]:
+        """The whole environment of a kernel: built from nothing, never copied from the proxy."""
+        path = os.pathsep.join(
+            dict.fromkeys([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+        )
+        env = {
+            "PATH": path,
+            "HOME": str(workdir),
+            "TMPDIR": str(workdir),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "MPLBACKEND": "Agg",
+        }
+        env.update(self.extra_env)
+        return env
+
+    async def start_kernel(self) -> LocalKernel:
+        kernel_id = uuid.uuid4().hex
+        workdir = self.root / "work" / kernel_id
+        workdir.mkdir(parents=True, mode=0o700)
+        runtime = self.root / "run"
+        runtime.mkdir(exist_ok=True, mode=0o700)
+        manager = AsyncKernelManager(
+            kernel_name=SPEC_NAME,
+            kernel_spec_manager=self._spec_manager,
+            transport="ipc",
+            ip=str(runtime / f"{kernel_id}-ipc"),
+            connection_file=str(runtime / f"{kernel_id}.json"),
+        )
+        kernel: LocalKernel | None = None
+        try:
+            await manager.start_kernel(env=self.kernel_env(workdir), cwd=str(workdir), kernel_id=kernel_id)
+            kernel = LocalKernel(manager, workdir)
+            pid = kernel.pid()
+            if pid is not None:
+                self.started_pids.append(pid)
+            await kernel.open(self.startup_timeout)
+        except BaseException:
+            if kernel is not None:
+                await asyncio.shield(kernel.shutdown())
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(manager.shutdown_kernel(now=True))
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return kernel
+
+    async def aclose(self) -> None:
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""The kernel pool with real ipykernels (and a real Kernel Gateway): execution, limits,
+the tool back-channel, isolation, and no process left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.kernels import ExecLimits, Finished, KernelDied, KernelPool, Pending, PoolExhausted
+from proxy.kernels.gateway import GatewayKernelProvider
+from proxy.kernels.local import LocalKernelProvider, ResourceLimits
+from tests.servers import free_port
+from translators.kernel_stubs import render_kernel_stubs
+from translators.tools import Toolset
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = ExecLimits(timeout=3.0, max_output_chars=20_000, grace=2.0)
+
+WEATHER = Toolset.from_openai(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": "get.weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_reaped(provider: LocalKernelProvider) -> None:
+    assert provider.started_pids, "no kernel was started"
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in provider.started_pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in provider.started_pids if alive(p)] == []
+
+
+@contextlib.asynccontextmanager
+async def local_pool(**kwargs: object) -> AsyncIterator[tuple[KernelPool, LocalKernelProvider]]:
+    provider = LocalKernelProvider(limits=kwargs.pop("limits", None))  # type: ignore[arg-type]
+    pool = KernelPool(provider, limits=LIMITS, **kwargs)  # type: ignore[arg-type]
+    try:
+        async with pool:
+            yield pool, provider
+    finally:
+        assert_reaped(provider)
+        assert not provider.root.exists()
+
+
+async def run_to_end(kernel: object, code: str, answer: object = None) -> Finished:
+    result = await kernel.execute(code)  # type: ignore[attr-defined]
+    while isinstance(result, Pending):
+        result = await kernel.reply(answer(result.request) if callable(answer) else answer)  # type: ignore[attr-defined]
+    return result
+
+
+async def test_sequential_and_concurrent_sessions() -> None:
+    async with local_pool(min_idle=2, max_total=4) as (pool, _):
+        kernel = await pool.acquire("one")
+        first = await run_to_end(kernel, "x = 20")
+        second = await run_to_end(kernel, "print(x + 1)\nx * 2")
+        assert first.output.error is None
+        assert second.output.stdout == "21\n" and second.output.results == ["40"]
+        await pool.release(kernel)
+
+        async def session(n: int) -> str:
+            k = await pool.acquire(f"s{n}")
+            try:
+                await run_to_end(k, f"value = {n}")
+                done = await run_to_end(k, "print(value * 10)")
+                return done.output.stdout.strip()
+            finally:
+                await pool.release(k)
+
+        assert await asyncio.gather(*(session(n) for n in range(4))) == ["0", "10", "20", "30"]
+        assert pool.stats().busy == 0
+
+
+async def test_back_channel_three_calls_in_a_loop() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        assert (await run_to_end(kernel, render_kernel_stubs(WEATHER))).output.error is None
+        seen = []
+        result = await kernel.execute(
+            "temps = []\nfor c in ['Paris', 'Rome', 'Oslo']:\n    temps.append(get_weather(c)['t'])\nprint(sum(temps))"
+        )
+        while isinstance(result, Pending):
+            seen.append(result.request)
+            result = await kernel.reply({"t": len(result.request.arguments["city"])})
+        assert [(r.id, r.tool, r.arguments) for r in seen] == [
+            (1, "get.weather", {"city": "Paris"}),
+            (2, "get.weather", {"city": "Rome"}),
+            (3, "get.weather", {"city": "Oslo"}),
+        ]
+        assert result.output.stdout == "13\n" and result.output.tool_calls == 3
+        # a failed call raises ToolError in the program, which can handle it
+        failed = await kernel.execute(
+            "try:\n    get_weather('X', unit='k')\nexcept ToolError as e:\n    print('no:', e)"
+        )
+        assert isinstance(failed, Pending) and failed.request.arguments == {"city": "X", "unit": "k"}
+        done = await kernel.reply(error="unknown unit 'k'")
+        assert isinstance(done, Finished) and done.output.stdout == "no: unknown unit 'k'\n"
+        # a bare input() is answered empty: nobody is there to type
+        bare = await run_to_end(kernel, "print(repr(input('name? ')))")
+        assert bare.output.stdout == "''\n"
+        await pool.release(kernel)
+
+
+async def test_errors_and_rich_output() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        failed = await run_to_end(kernel, "import sys\nprint('before')\nprint('oops', file=sys.stderr)\n1/0")
+        assert failed.output.stdout == "before\n" and failed.output.stderr == "oops\n"
+        assert failed.output.error is not None and failed.output.error.ename == "ZeroDivisionError"
+        assert "\x1b[" not in failed.output.error.traceback and "1/0" in failed.output.error.traceback
+        shown = await run_to_end(
+            kernel,
+            "from IPython.display import display, Image\n"
+            "display(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + bytes(20), format='png'))\n'done'",
+        )
+        assert shown.output.results[-1] == "'done'" and "image/png" in shown.output.images[0]
+        await pool.release(kernel)
+
+
+async def test_infinite_loop_is_interrupted() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        result = await run_to_end(kernel, "while True:\n    pass")
+        assert result.output.error is not None and result.output.error.ename == "TimeoutError"
+        assert result.output.duration_ms >= 3000
+        assert (await run_to_end(kernel, "print('still here')")).output.stdout == "still here\n"
+        await pool.release(kernel)
+
+
+async def test_time_waiting_for_tools_does_not_count() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        await run_to_end(kernel, render_kernel_stubs(WEATHER))
+        pending = await kernel.execute("print(get_weather('a'))")
+        assert isinstance(pending, Pending)
+        await asyncio.sleep(LIMITS.timeout + 0.5)  # the client takes its time
+        done = await kernel.reply({"t": 1})
+        assert isinstance(done, Finished) and done.output.error is None
+        await pool.release(kernel)
+
+
+async def test_uninterruptible_cell_kills_the_kernel() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        with pytest.raises(KernelDied, match="did not stop"):
+            await run_to_end(
+                kernel, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"
+            )
+        assert kernel.retired and pool.stats().replaced_dead == 1
+        await pool.wait_ready(1)  # replaced
+
+
+async def test_huge_output_is_capped() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        result = await run_to_end(kernel, "for _ in range(100):\n    print('x' * 1_000_000)")  # 100 MB
+        assert result.output.truncated
+        assert len(result.output.stdout) <= LIMITS.max_output_chars
+        assert result.output.error is not None and result.output.error.ename == "OutputLimitExceeded"
+        assert (await run_to_end(kernel, "print(1)")).output.stdout == "1\n"
+        await pool.release(kernel)
+
+
+async def test_cell_that_kills_its_kernel() -> None:
+    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        with pytest.raises(KernelDied, match="died"):
+            await run_to_end(kernel, "import os\nos._exit(3)")
+        assert pool.stats().replaced_dead == 1
+        other = await pool.acquire("t")
+        assert (await run_to_end(other, "print(2)")).output.stdout == "2\n"
+        await pool.release(other)
+
+
+async def test_sessions_are_isolated_even_after_reuse() -> None:
+    async with local_pool(min_idle=1, max_total=1) as (pool, _):
+        a = await pool.acquire("A")
+        done = await run_to_end(
+            a, "secret = 42\nopen('a.txt', 'w').write('A')\nimport os\nprint(os.getcwd())"
+        )
+        a_dir = done.output.stdout.strip()
+        await pool.release(a)
+        for _ in range(2):  # the one kernel slot is used again, by another session
+            b = await pool.acquire("B")
+            seen = await run_to_end(
+                b, "import os\nprint('secret' in globals(), os.path.exists('a.txt'), os.getcwd())"
+            )
+            in_globals, has_file, cwd = seen.output.stdout.split()
+            assert (in_globals, has_file) == ("False", "False") and cwd != a_dir
+            await pool.release(b)
+        assert not await asyncio.to_thread(Path(a_dir).exists)  # A's working directory went with its kernel
+
+
+async def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak")
+    monkeypatch.setenv("CABLECTL_SECRET_TEST", "hunter2")
+    async with local_pool(min_idle=1, max_total=1) as (pool, _):
+        kernel = await pool.acquire("s")
+        result = await run_to_end(
+            kernel, "import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())"
+        )
+        names, home_is_cwd = result.output.stdout.splitlines()
+        assert "OPENAI_API_KEY" not in names and "CABLECTL_SECRET_TEST" not in names
+        assert "sk-must-not-leak" not in result.output.stdout
+        assert home_is_cwd == "True"
+        await pool.release(kernel)
+
+
+async def test_resource_limits() -> None:
+    async with local_pool(min_idle=1, max_total=1, limits=ResourceLimits(memory_bytes=1 << 30)) as (pool, _):
+        kernel = await pool.acquire("s")
+        result = await run_to_end(
+            kernel,
+            "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0])\nb = bytearray(2 << 30)",
+        )
+        assert result.output.stdout == f"{1 << 30}\n"
+        assert result.output.error is not None and result.output.error.ename == "MemoryError"
+        await pool.release(kernel)
+
+
+async def test_exhaustion_is_a_503() -> None:
+    async with local_pool(min_idle=1, max_total=1, acquire_timeout=0.5) as (pool, _):
+        await pool.wait_ready()
+        kernel = await pool.acquire("s")
+        with pytest.raises(PoolExhausted) as info:
+            await pool.acquire("t")
+        assert info.value.http_status == 503 and "max_total" in info.value.message
+        await pool.release(kernel)
+        await pool.wait_ready(1)  # the retired kernel's slot is refilled with a fresh kernel
+        other = await pool.acquire("t")
+        await pool.release(other)
+
+
+async def test_no_orphans_after_cancellation() -> None:
+    provider = LocalKernelProvider()
+    pool = KernelPool(provider, min_idle=2, max_total=3, limits=ExecLimits(timeout=60))
+    await pool.start()
+    await pool.wait_ready(1)
+    kernel = await pool.acquire("s")
+    task = asyncio.create_task(kernel.execute("import time\ntime.sleep(60)"))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    starting = asyncio.create_task(pool.acquire("t"))  # may be waiting on a start
+    await asyncio.sleep(0.05)
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, PoolExhausted):
+        await starting
+    await pool.aclose()  # busy, idle and starting kernels all go
+    assert_reaped(provider)
+
+
+# --- remote kernels ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_gateway() -> Iterator[str]:
+    """A real Jupyter Kernel Gateway on loopback, started with a scrubbed environment."""
+    port = free_port()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel_gateway",
+            "--KernelGatewayApp.ip=127.0.0.1",
+            f"--KernelGatewayApp.port={port}",
+            "--KernelGatewayApp.list_kernels=True",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the kernel gateway exited"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/api", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the kernel gateway did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def test_gateway_kernels_back_channel_and_limits(
+    kernel_gateway: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak")
+    provider = GatewayKernelProvider(
+        kernel_gateway, env={"KERNEL_USERNAME": "cablectl", "OPENAI_API_KEY": "sk-must-not-leak"}
+    )
+    async with KernelPool(provider, min_idle=1, max_total=2, limits=LIMITS) as pool:
+        kernel = await pool.acquire("s")
+        assert (await run_to_end(kernel, render_kernel_stubs(WEATHER))).output.error is None
+        calls = []
+        done = await run_to_end(
+            kernel,
+            "import os\nprint([get_weather(c)['t'] for c in 'ab'], 'OPENAI_API_KEY' in os.environ)",
+            lambda request: calls.append(request) or {"t": request.arguments["city"].upper()},
+        )
+        assert [c.arguments for c in calls] == [{"city": "a"}, {"city": "b"}]
+        assert done.output.stdout == "['A', 'B'] False\n"
+        looped = await run_to_end(kernel, "while True:\n    pass")  # interrupted over REST
+        assert looped.output.error is not None and looped.output.error.ename == "TimeoutError"
+        await pool.release(kernel)
+    assert len(provider.started_ids) >= 2
+    async with httpx.AsyncClient() as client:  # every kernel the pool created is gone from the gateway
+        for kernel_id in provider.started_ids:
+            assert (await client.get(f"{kernel_gateway}/api/kernels/{kernel_id}")).status_code == 404
