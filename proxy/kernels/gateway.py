@@ -33,11 +33,11 @@ class GatewayKernel(KernelConnection):
     def __init__(
         self, provider: GatewayKernelProvider, kernel_id: str, ws: aiohttp.ClientWebSocketResponse
     ) -> None:
+        super().__init__()
         self.provider = provider
         self.kernel_id = kernel_id
         self._ws = ws
         self._session_id = uuid.uuid4().hex
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
         self._closed = False
 
@@ -46,7 +46,7 @@ class GatewayKernel(KernelConnection):
             if frame.type == aiohttp.WSMsgType.TEXT:
                 msg = frame.json()
                 if isinstance(msg, dict) and "channel" in msg:
-                    self._queue.put_nowait(msg)
+                    self.inbox.put_nowait(msg)
             elif frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                 break
 
@@ -88,12 +88,6 @@ class GatewayKernel(KernelConnection):
 
     async def input_reply(self, value: str, parent: Message) -> None:
         await self._ws.send_json(self._message("stdin", "input_reply", {"value": value}, parent))
-
-    async def next_message(self, timeout: float) -> Message | None:
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
 
     async def interrupt(self) -> None:
         await self.provider._post(f"/api/kernels/{self.kernel_id}/interrupt")

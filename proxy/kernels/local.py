@@ -57,11 +57,11 @@ class ResourceLimits:
 
 class LocalKernel(KernelConnection):
     def __init__(self, manager: AsyncKernelManager, workdir: Path) -> None:
+        super().__init__()
         self.manager = manager
         self.kernel_id = manager.kernel_id or uuid.uuid4().hex
         self.workdir = workdir
         self.client = manager.client()
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._pumps: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -84,7 +84,7 @@ class LocalKernel(KernelConnection):
             except Exception:  # the channel closed under us: the kernel is going away
                 return
             msg["channel"] = channel
-            self._queue.put_nowait(msg)
+            self.inbox.put_nowait(msg)
 
     async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
         return str(
@@ -95,12 +95,6 @@ class LocalKernel(KernelConnection):
         # the client's own input() routes the reply to the stdin channel with the right parent
         msg = self.client.session.msg("input_reply", {"value": value}, parent=parent)
         self.client.stdin_channel.send(msg)
-
-    async def next_message(self, timeout: float) -> Message | None:
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
 
     async def interrupt(self) -> None:
         await self.manager.interrupt_kernel()
