@@ -1,0 +1,216 @@
+"""Sessions as append-only event logs, with a TTL and a lock; kernels are only caches of them.
+
+A session's log holds what is needed to rebuild its kernel anywhere: the tools
+digest, each cell that ran, and every tool result that came back for it. Any
+replica can read it; ``lock`` makes sure only one resumes a session at a time.
+
+Two implementations of one ABC: ``RedisSessionStore`` (config ``redis_url``) and
+``InMemorySessionStore`` (the default, one process). Keys in Redis:
+
+    cablectl:s:<id>:log    LIST of JSON events (RPUSH), expires after the TTL
+    cablectl:s:<id>:lock   the lock token (SET NX PX), expires by itself if its holder dies
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+
+from proxy.errors import CablectlError, ServiceUnavailable
+
+__all__ = ["InMemorySessionStore", "RedisSessionStore", "SessionBusy", "SessionStore"]
+
+Event = dict[str, Any]
+
+
+class SessionBusy(CablectlError):
+    """Another request (maybe on another replica) is resuming this session right now."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "session_busy"
+    retryable = True
+
+
+class SessionStore(abc.ABC):
+    def __init__(self, ttl: float = 3600.0, lock_ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self.lock_ttl = lock_ttl
+
+    @abc.abstractmethod
+    async def append(self, session_id: str, *events: Event) -> int:
+        """Add events to the log (creating it) and refresh the TTL; returns the new length."""
+
+    @abc.abstractmethod
+    async def events(self, session_id: str) -> list[Event]:
+        """The whole log, oldest first; [] for an unknown or expired session."""
+
+    @abc.abstractmethod
+    async def sessions(self) -> list[str]:
+        """Ids of the live sessions."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _try_lock(self, session_id: str, token: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _unlock(self, session_id: str, token: str) -> None: ...
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @asynccontextmanager
+    async def lock(self, session_id: str, wait: float = 5.0) -> AsyncIterator[None]:
+        """Hold the session's lock; ``SessionBusy`` if it stays taken for ``wait`` seconds."""
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while not await self._try_lock(session_id, token):
+            if time.monotonic() >= deadline:
+                raise SessionBusy(
+                    "This conversation is being resumed by another request right now; "
+                    "retry when that one has finished."
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        try:
+            yield
+        finally:
+            await asyncio.shield(self._unlock(session_id, token))
+
+
+class InMemorySessionStore(SessionStore):
+    """One process's sessions; expired ones are dropped when touched."""
+
+    def __init__(self, ttl: float = 3600.0, lock_ttl: float = 30.0) -> None:
+        super().__init__(ttl, lock_ttl)
+        self._logs: dict[str, tuple[float, list[Event]]] = {}
+        self._locks: dict[str, tuple[float, str]] = {}
+
+    def _live(self, session_id: str) -> list[Event] | None:
+        entry = self._logs.get(session_id)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._logs[session_id]
+            return None
+        return entry[1]
+
+    async def append(self, session_id: str, *events: Event) -> int:
+        log = self._live(session_id) or []
+        # stored as JSON, as Redis does: callers get copies, never shared dicts
+        log.extend(orjson.loads(orjson.dumps(e)) for e in events)
+        self._logs[session_id] = (time.monotonic() + self.ttl, log)
+        return len(log)
+
+    async def events(self, session_id: str) -> list[Event]:
+        return orjson.loads(orjson.dumps(self._live(session_id) or []))  # type: ignore[no-any-return]
+
+    async def sessions(self) -> list[str]:
+        return [s for s in list(self._logs) if self._live(s) is not None]
+
+    async def delete(self, session_id: str) -> None:
+        self._logs.pop(session_id, None)
+
+    async def _try_lock(self, session_id: str, token: str) -> bool:
+        held = self._locks.get(session_id)
+        if held is not None and held[0] > time.monotonic():
+            return False
+        self._locks[session_id] = (time.monotonic() + self.lock_ttl, token)
+        return True
+
+    async def _unlock(self, session_id: str, token: str) -> None:
+        held = self._locks.get(session_id)
+        if held is not None and held[1] == token:
+            del self._locks[session_id]
+
+
+# Delete the lock only if we still hold it (it may have expired and been taken by another).
+_UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisSessionStore(SessionStore):
+    def __init__(
+        self, url: str, ttl: float = 3600.0, lock_ttl: float = 30.0, prefix: str = "cablectl:s:"
+    ) -> None:
+        super().__init__(ttl, lock_ttl)
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._prefix = prefix
+        self._unlock_script = self._redis.register_script(_UNLOCK)
+
+    def _log(self, session_id: str) -> str:
+        return f"{self._prefix}{session_id}:log"
+
+    def _lock_key(self, session_id: str) -> str:
+        return f"{self._prefix}{session_id}:lock"
+
+    async def _call(self, coro: Any) -> Any:
+        import redis.exceptions
+
+        try:
+            return await coro
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ServiceUnavailable(
+                f"The session store (Redis) is unreachable: {exc}; retry shortly"
+            ) from exc
+
+    async def append(self, session_id: str, *events: Event) -> int:
+        key = self._log(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *(orjson.dumps(e) for e in events))
+            pipe.pexpire(key, int(self.ttl * 1000))
+            length, _ = await self._call(pipe.execute())
+        return int(length)
+
+    async def events(self, session_id: str) -> list[Event]:
+        raw = await self._call(self._redis.lrange(self._log(session_id), 0, -1))
+        return [orjson.loads(item) for item in raw]
+
+    async def sessions(self) -> list[str]:
+        found = []
+        async for key in self._redis.scan_iter(match=f"{self._prefix}*:log", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            found.append(name[len(self._prefix) : -len(":log")])
+        return sorted(found)
+
+    async def delete(self, session_id: str) -> None:
+        await self._call(self._redis.delete(self._log(session_id), self._lock_key(session_id)))
+
+    async def _try_lock(self, session_id: str, token: str) -> bool:
+        ok = await self._call(
+            self._redis.set(self._lock_key(session_id), token, nx=True, px=int(self.lock_ttl * 1000))
+        )
+        return bool(ok)
+
+    async def _unlock(self, session_id: str, token: str) -> None:
+        await self._call(self._unlock_script(keys=[self._lock_key(session_id)], args=[token]))
+
+    async def ping(self) -> bool:
+        import redis.exceptions
+
+        try:
+            return bool(await self._redis.ping())
+        except (redis.exceptions.RedisError, OSError):  # readiness probes report, they do not raise
+            return False
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
