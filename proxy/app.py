@@ -7,6 +7,7 @@ nothing here reads the environment or keeps module-level state.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,12 +23,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
+from proxy.actions.loop import ActionLoop
+from proxy.actions.respond import completion_body, completion_chunks
+from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
 from proxy.config import Settings
 from proxy.errors import CablectlError, InvalidRequest, PermissionDenied, RequestTooLarge
+from proxy.kernels import ExecLimits, KernelPool, KernelProvider
+from proxy.kernels.gateway import GatewayKernelProvider
+from proxy.kernels.local import LocalKernelProvider, ResourceLimits
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
+from proxy.sessions import CallIds, InMemorySessionStore, RedisSessionStore, SessionStore
 
 __all__ = ["create_app", "error_response"]
 
@@ -122,18 +130,54 @@ def _chat_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
     return body, defs
 
 
+def _session_store(settings: Settings) -> SessionStore:
+    cfg = settings.sessions
+    if cfg.redis_url:
+        return RedisSessionStore(cfg.redis_url, ttl=cfg.ttl_seconds)
+    return InMemorySessionStore(ttl=cfg.ttl_seconds)
+
+
+def _kernel_pool(settings: Settings) -> KernelPool:
+    cfg = settings.kernels
+    provider: KernelProvider
+    if cfg.gateway_url:
+        provider = GatewayKernelProvider(cfg.gateway_url, auth_token=cfg.gateway_token)
+    else:
+        provider = LocalKernelProvider(
+            limits=ResourceLimits(memory_bytes=cfg.memory_mb * 1024 * 1024, cpu_seconds=cfg.cpu_seconds)
+        )
+    return KernelPool(
+        provider,
+        min_idle=min(cfg.min_idle, cfg.max_total),
+        max_total=cfg.max_total,
+        acquire_timeout=cfg.acquire_timeout,
+        limits=ExecLimits(timeout=cfg.cell_timeout, max_output_chars=cfg.max_output_chars),
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     router = ModelRouter(settings)
     keyring = KeyRing(settings.keys)
     body_limit = settings.server.max_request_body_bytes
+    store = _session_store(settings)
+    if settings.sessions.secret is None and settings.sessions.redis_url:
+        log.warning("sessions.secret is not set: tool-call ids will not verify on other replicas; set it")
+    ids = CallIds(settings.sessions.secret.encode() if settings.sessions.secret else secrets.token_bytes(32))
+    pool = _kernel_pool(settings)
+    runtime = Runtime(pool, store)
+    loop = ActionLoop(router, runtime, store, ids)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        await pool.start()
         log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)
         try:
             yield
         finally:
+            await runtime.aclose()
+            await pool.aclose()
+            await store.aclose()
             await router.aclose()
 
     app = FastAPI(
@@ -144,6 +188,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.router = router
+    app.state.loop = loop
+    app.state.pool = pool
+    app.state.store = store
     app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(CablectlError)
@@ -198,9 +245,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def ready() -> JSONResponse:
         """Readiness: every model is loaded (local) or configured (remote)."""
         models = router.ready()
-        ok = all(models.values())
+        sessions = await store.ping()
+        ok = all(models.values()) and sessions
         return JSONResponse(
-            {"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503
+            {"status": "ready" if ok else "loading", "models": models, "sessions": sessions},
+            status_code=200 if ok else 503,
         )
 
     def model_card(name: str) -> dict[str, Any]:
@@ -235,6 +284,17 @@ def create_app(settings: Settings) -> FastAPI:
                 f"API key {principal.key_id!r} may not use model {chat.model!r}; "
                 "add it to that key's 'models' in config.yaml or use another key",
                 param="model",
+            )
+        entry = settings.route(chat.model)
+        if chat.tools and entry is not None and entry.code_actions:
+            result = await loop.run(entry, router.get(chat.model), chat, payload, record.clock)
+            if not chat.stream:
+                return Response(completion_body(result, chat.model), media_type="application/json")
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(
+                iter(list(completion_chunks(result, chat.model, include_usage))),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
         if not chat.stream:
             body = await router.complete(payload, chat, record.clock)

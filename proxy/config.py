@@ -31,11 +31,13 @@ from proxy.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "KernelSettings",
     "KeyEntry",
     "LiteLLMParams",
     "ModelEntry",
     "RouterSettings",
     "ServerSettings",
+    "SessionSettings",
     "Settings",
     "load_settings",
     "resolve_env_refs",
@@ -94,6 +96,18 @@ class ModelEntry(BaseModel):
     litellm_params: LiteLLMParams
     model_info: dict[str, Any] | None = None
     transport: Literal["auto", "direct", "litellm", "local"] = "auto"
+    # code actions: requests with tools are answered through the action loop unless off
+    code_actions: bool = True
+    grammar: Literal["auto", "gbnf", "lark", "none"] = "auto"
+    max_steps: int = Field(default=8, ge=1, le=64)
+    repair_attempts: int = Field(default=2, ge=0, le=8)
+
+    @property
+    def grammar_mode(self) -> Literal["gbnf", "lark", "none"]:
+        """auto: GBNF for in-process llama.cpp, parse-and-repair for everything else."""
+        if self.grammar != "auto":
+            return self.grammar
+        return "gbnf" if self.resolved_transport == "local" else "none"
 
     @property
     def resolved_transport(self) -> Literal["direct", "litellm", "local"]:
@@ -161,6 +175,33 @@ class ServerSettings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class SessionSettings(BaseModel):
+    """``sessions:``: where conversations live between requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = None  # none: in-process (one replica only)
+    ttl_seconds: float = Field(default=3600.0, gt=0)
+    # signs tool-call ids; replicas must share it. Unset: a random one per process.
+    secret: str | None = Field(default=None, min_length=16)
+
+
+class KernelSettings(BaseModel):
+    """``kernels:``: the pool code actions run in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_idle: int = Field(default=1, ge=0)
+    max_total: int = Field(default=8, ge=1)
+    acquire_timeout: float = Field(default=10.0, gt=0)
+    cell_timeout: float = Field(default=30.0, gt=0)
+    max_output_chars: int = Field(default=20_000, ge=100)
+    memory_mb: int = Field(default=0, ge=0)  # 0: no limit
+    cpu_seconds: int = Field(default=0, ge=0)
+    gateway_url: str | None = None  # Jupyter Enterprise/Kernel Gateway instead of local processes
+    gateway_token: str | None = None
+
+
 class Settings(BaseModel):
     """The whole configuration. Built once by ``load_settings``."""
 
@@ -170,6 +211,8 @@ class Settings(BaseModel):
     router_settings: RouterSettings = Field(default_factory=RouterSettings)
     keys: list[KeyEntry] = Field(default_factory=list)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    kernels: KernelSettings = Field(default_factory=KernelSettings)
     source: str = "embedded default"
 
     @field_validator("model_list")

@@ -95,6 +95,11 @@ def upstream_models(upstream_url: str) -> list[dict[str, Any]]:
             "model_name": "slow",
             "litellm_params": {"model": "openai/slow", "api_base": upstream_url, "timeout": 0.5},
         },
+        {
+            "model_name": "plain-tools",  # code actions off: function calling passes through
+            "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream_url},
+            "code_actions": False,
+        },
     ]
 
 

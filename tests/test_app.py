@@ -157,7 +157,7 @@ def test_tools_request_passes_through(client: openai.OpenAI, upstream: ScriptedU
         }
     ]
     stream = client.chat.completions.create(
-        model="gpt-4o-mini",
+        model="plain-tools",
         messages=[{"role": "user", "content": "weather in Edinburgh and NYC?"}],
         tools=tools,
         tool_choice="auto",
@@ -554,7 +554,13 @@ def test_keys_limit_models(keyed_proxy: UvicornThread) -> None:
     with pytest.raises(openai.PermissionDeniedError):
         alice.chat.completions.create(model="secret-model", messages=[{"role": "user", "content": "x"}])
     assert [m.id for m in alice.models.list()] == ["gpt-4o-mini"]
-    assert {m.id for m in bob.models.list()} == {"gpt-4o-mini", "renamed", "via-litellm", "slow"}
+    assert {m.id for m in bob.models.list()} == {
+        "gpt-4o-mini",
+        "renamed",
+        "via-litellm",
+        "slow",
+        "plain-tools",
+    }
     assert bob.chat.completions.create(model="renamed", messages=[{"role": "user", "content": "x"}]).choices
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="nope", max_retries=0).models.list()
@@ -567,7 +573,13 @@ def test_health_ready_models_docs(proxy: UvicornThread, client: openai.OpenAI) -
     assert httpx.get(proxy.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(proxy.url + "/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    assert {m.id for m in client.models.list()} == {"gpt-4o-mini", "renamed", "via-litellm", "slow"}
+    assert {m.id for m in client.models.list()} == {
+        "gpt-4o-mini",
+        "renamed",
+        "via-litellm",
+        "slow",
+        "plain-tools",
+    }
     assert client.models.retrieve("renamed").id == "renamed"
     schema = httpx.get(proxy.url + "/openapi.json").json()
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]

@@ -42,7 +42,7 @@ def chunk_shape(obj: dict[str, Any]) -> tuple[Any, ...]:
 
 def test_default_config_is_the_embedded_model(local_proxy: UvicornThread) -> None:
     ready = httpx.get(local_proxy.url + "/ready").json()
-    assert ready == {"status": "ready", "models": {"local": True}}
+    assert ready == {"status": "ready", "models": {"local": True}, "sessions": True}
 
 
 def test_completion_returns_text(client: openai.OpenAI) -> None:
@@ -269,3 +269,39 @@ def test_cablectl_serve_bad_config_names_the_problem(tmp_path: Any) -> None:
     )
     assert proc.returncode == 2
     assert "NOPE_KEY is not set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+WEATHER_TOOL: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_embedded_model_returns_well_formed_tool_calls(client: openai.OpenAI, tool_choice: Any) -> None:
+    """SmolLM2-135M, constrained by the request's grammar, calls the tool properly."""
+    result = client.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=WEATHER_TOOL,
+        tool_choice=tool_choice,
+    )
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert calls and all(c.function.name == "get_weather" for c in calls)
+    for call in calls:
+        arguments = json.loads(call.function.arguments)
+        assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+        assert call.id.startswith("call_")
+    assert result.usage is not None and result.usage.completion_tokens > 0

@@ -129,10 +129,10 @@ class LocalBackend(ModelBackend):
         )
 
     def _load(self, path: Path) -> Llama:
-        from llama_cpp import Llama
+        from proxy.backends.llama_grammar import ConstrainedLlama
 
         params = self.entry.litellm_params
-        return Llama(
+        return ConstrainedLlama(
             model_path=str(path),
             n_ctx=params.n_ctx,
             n_threads=params.n_threads,
@@ -204,6 +204,29 @@ class LocalBackend(ModelBackend):
             "usage": usage,
         }
         return orjson.dumps(body)
+
+    async def generate_text(
+        self, messages: list[dict[str, Any]], request: ChatCompletionRequest, gbnf: str | None
+    ) -> tuple[str, dict[str, int]]:
+        """One completion of ``messages`` (the code-form prompt), constrained by ``gbnf`` if given."""
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        kwargs: dict[str, Any] = {
+            "messages": messages,
+            "temperature": 0.2 if request.temperature is None else request.temperature,
+            "top_p": 1.0 if request.top_p is None else request.top_p,
+            "max_tokens": request.token_limit or 1024,
+            "seed": request.seed,
+        }
+        if gbnf is not None:
+            kwargs["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
+        llama = await self._acquire()
+        try:
+            result = await anyio.to_thread.run_sync(lambda: _generate(llama, kwargs))
+        finally:
+            self._release(llama)
+        text = result["choices"][0]["message"].get("content") or ""
+        return text, dict(result["usage"])
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         if (request.n or 1) > 1:

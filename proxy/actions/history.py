@@ -1,0 +1,106 @@
+"""The client's conversation, seen through a session's log.
+
+- ``check_tool_messages``: every assistant ``tool_calls`` entry is answered by a
+  ``tool`` message before the conversation moves on, and every ``tool`` message
+  answers one; anything else is a clear 400 naming the message.
+- ``collapse``: the tool_calls of one *kernel* turn (a program that called tools one
+  at a time) go back to what the model wrote: one assistant turn with the program,
+  and, once the cell finished, one observation with its output. Calls of static
+  turns stay as they are: the translators render those as code already.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.errors import InvalidRequest
+
+__all__ = ["check_tool_messages", "collapse", "trailing_tool_results"]
+
+Message = dict[str, Any]
+Event = dict[str, Any]
+
+
+def check_tool_messages(messages: list[Message]) -> None:
+    open_calls: dict[str, int] = {}
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in open_calls:
+                raise InvalidRequest(
+                    f"messages[{i}] is a tool result for {call_id!r}, which no earlier assistant "
+                    "message asked for (or which was already answered)",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            del open_calls[call_id]
+            content = message.get("content")
+            if content is None or (isinstance(content, list) and not content):
+                raise InvalidRequest(
+                    f"messages[{i}] (tool result for {call_id!r}) has no content",
+                    param=f"messages[{i}].content",
+                )
+            continue
+        if open_calls:
+            missing = ", ".join(sorted(open_calls))
+            raise InvalidRequest(
+                f"tool call(s) {missing} of messages[{min(open_calls.values())}] have no tool message before "
+                f"messages[{i}]; send one 'tool' message per tool_call_id",
+                param=f"messages[{i}]",
+            )
+        for call in message.get("tool_calls") or [] if role == "assistant" else []:
+            open_calls[str(call.get("id"))] = i
+
+
+def trailing_tool_results(messages: list[Message]) -> list[Message]:
+    """The tool messages at the end of the conversation (answers the client just sent)."""
+    out: list[Message] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        out.append(message)
+    return list(reversed(out))
+
+
+def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
+    """Messages with each kernel turn's calls replaced by its program and output."""
+    turn_of: dict[str, int] = {}
+    turns: dict[int, Event] = {}
+    outputs: dict[int, str] = {}
+    for event in events:
+        if event.get("kind") == "turn" and event.get("mode") == "kernel":
+            turns[int(event["turn"])] = event
+        elif event.get("kind") == "call":
+            turn_of[str(event["call_id"])] = int(event["turn"])
+        elif event.get("kind") == "cell_end":
+            outputs[int(event["turn"])] = str(event.get("output", ""))
+    if not turn_of:
+        return messages
+    out: list[Message] = []
+    shown: set[int] = set()
+    pending_observation: tuple[int, int] | None = None  # (turn, index in out after which it goes)
+    for message in messages:
+        role = message.get("role")
+        calls = message.get("tool_calls") or [] if role == "assistant" else []
+        kernel_turns = {turn_of[str(c.get("id"))] for c in calls if str(c.get("id")) in turn_of}
+        if kernel_turns:
+            turn = min(kernel_turns)
+            if turn not in shown:
+                shown.add(turn)
+                event = turns.get(turn, {})
+                thought = str(event.get("thought") or "").strip()
+                block = f"```python\n{event.get('source', '')}\n```"
+                out.append({"role": "assistant", "content": f"{thought}\n\n{block}" if thought else block})
+            continue
+        if role == "tool" and str(message.get("tool_call_id")) in turn_of:
+            turn = turn_of[str(message.get("tool_call_id"))]
+            if turn in outputs:
+                pending_observation = (turn, len(out))
+            continue
+        if pending_observation is not None:
+            out.append({"role": "user", "content": f"Observation:\n{outputs[pending_observation[0]]}"})
+            pending_observation = None
+        out.append(message)
+    if pending_observation is not None:
+        out.append({"role": "user", "content": f"Observation:\n{outputs[pending_observation[0]]}"})
+    return out

@@ -1,0 +1,375 @@
+"""The action loop: tools in, code actions inside, OpenAI tool_calls out.
+
+For a request with ``tools`` on a route with ``code_actions`` on:
+
+1. resume: if the trailing ``tool`` messages answer a call a kernel program is waiting
+   on (the id names its session), feed the result to the program and let it run on;
+2. prompt: the conversation in code form (kernel turns collapsed to their programs);
+3. generate with the route's grammar mode (GBNF for llama.cpp, Lark for servers that
+   take it, or none), then parse; a bad reply goes back to the model with the error,
+   at most ``repair_attempts`` times;
+4. an answer is returned as is; a program of independent literal calls becomes
+   parallel tool_calls at once (no kernel); anything else runs in the session's
+   kernel, and each client tool call it makes suspends it and goes out as a tool_call;
+   when a program finishes, its output is an observation and the loop goes on
+   (``max_steps`` rounds at most).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.actions.history import check_tool_messages, collapse, trailing_tool_results
+from proxy.actions.runtime import Runtime, result_value
+from proxy.backends.base import ModelBackend
+from proxy.backends.local import LocalBackend
+from proxy.config import ModelEntry
+from proxy.errors import InvalidRequest
+from proxy.kernels import Finished, KernelDied, Pending
+from proxy.routing import ModelRouter, UpstreamClock
+from proxy.schemas import ChatCompletionRequest
+from proxy.sessions import CallIds, SessionStore, new_session_id
+from translators import (
+    Action,
+    CallError,
+    KernelProgram,
+    OutputError,
+    StaticCalls,
+    Toolset,
+    ToolsetCache,
+    ToolsetError,
+    build_grammar,
+    build_prompt,
+    check_call,
+    classify,
+    lark_to_gbnf,
+    normalize_tool_choice,
+    parse_output,
+)
+
+__all__ = ["ActionLoop", "LoopResult", "ToolCallOut"]
+
+log = logging.getLogger("cablectl.actions")
+
+Message = dict[str, Any]
+Event = dict[str, Any]
+# what the upstream must not see when it is asked for a code action
+_NOT_FORWARDED = {
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "stream",
+    "stream_options",
+    "functions",
+    "function_call",
+    "n",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallOut:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class LoopResult:
+    content: str | None
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    )
+    session_id: str | None = None
+
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        for key in ("prompt_tokens", "completion_tokens"):
+            self.usage[key] += int(usage.get(key) or 0)
+        self.usage["total_tokens"] = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
+
+
+class ActionLoop:
+    def __init__(self, router: ModelRouter, runtime: Runtime, store: SessionStore, ids: CallIds) -> None:
+        self.router = router
+        self.runtime = runtime
+        self.store = store
+        self.ids = ids
+        self.toolsets = ToolsetCache()
+        self._grammars: dict[tuple[str, str, bool], tuple[str, str]] = {}
+
+    # --- grammars -------------------------------------------------------------------------
+
+    def _grammar(self, toolset: Toolset, choice: str, parallel: bool) -> tuple[str, str]:
+        key = (toolset.digest, choice, parallel)
+        if key not in self._grammars:
+            lark = build_grammar(toolset, choice, parallel)
+            self._grammars[key] = (lark, lark_to_gbnf(lark))
+            if len(self._grammars) > 512:
+                self._grammars.pop(next(iter(self._grammars)))
+        return self._grammars[key]
+
+    async def _generate(
+        self,
+        entry: ModelEntry,
+        backend: ModelBackend,
+        prompt: list[Message],
+        request: ChatCompletionRequest,
+        payload: dict[str, Any],
+        grammar: tuple[str, str] | None,
+        clock: UpstreamClock,
+    ) -> tuple[str, dict[str, Any]]:
+        mode = entry.grammar_mode
+        if isinstance(backend, LocalBackend):
+            return await backend.generate_text(
+                prompt, request, grammar[1] if grammar and mode == "gbnf" else None
+            )
+        body = {k: v for k, v in payload.items() if k not in _NOT_FORWARDED}
+        body["messages"] = prompt
+        if grammar is not None and mode == "lark":
+            body["structured_outputs"] = {"grammar": grammar[0]}
+        elif grammar is not None and mode == "gbnf":
+            body["grammar"] = grammar[1]  # a llama.cpp server
+        raw = await self.router.complete(body, request, clock)
+        data = orjson.loads(raw)
+        message = (data.get("choices") or [{}])[0].get("message") or {}
+        return str(message.get("content") or ""), dict(data.get("usage") or {})
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _session_of(self, messages: list[Message]) -> str | None:
+        for message in reversed(messages):
+            ids = (
+                [str(c.get("id")) for c in message.get("tool_calls") or []]
+                if message.get("role") == "assistant"
+                else []
+            )
+            ids += [str(message["tool_call_id"])] if message.get("role") == "tool" else []
+            for call_id in ids:
+                parsed = self.ids.parse(call_id)
+                if parsed is not None:
+                    return parsed[0]
+        return None
+
+    async def run(
+        self,
+        entry: ModelEntry,
+        backend: ModelBackend,
+        request: ChatCompletionRequest,
+        payload: dict[str, Any],
+        clock: UpstreamClock,
+    ) -> LoopResult:
+        messages: list[Message] = list(payload["messages"])
+        check_tool_messages(messages)
+        try:
+            toolset = self.toolsets.get(payload.get("tools") or [])
+            choice = normalize_tool_choice(request.tool_choice, toolset)
+        except ToolsetError as exc:
+            raise InvalidRequest(exc.message, param=exc.param) from exc
+        parallel = request.parallel_tool_calls is not False
+        session_id = self._session_of(messages) or new_session_id()
+        result = LoopResult(content=None, session_id=session_id)
+        async with self.store.lock(session_id):
+            events = await self.store.events(session_id)
+            if not events:
+                await self.store.append(session_id, {"kind": "tools", "digest": toolset.digest})
+                events = await self.store.events(session_id)
+            resumed = await self._resume(session_id, toolset, events, trailing_tool_results(messages), result)
+            if resumed:
+                return result
+            events = await self.store.events(session_id)
+            await self._steps(
+                entry, backend, request, payload, toolset, choice, parallel, messages, events, result, clock
+            )
+            return result
+
+    async def _steps(
+        self,
+        entry: ModelEntry,
+        backend: ModelBackend,
+        request: ChatCompletionRequest,
+        payload: dict[str, Any],
+        toolset: Toolset,
+        choice: str,
+        parallel: bool,
+        messages: list[Message],
+        events: list[Event],
+        result: LoopResult,
+        clock: UpstreamClock,
+    ) -> None:
+        session_id = result.session_id or ""
+        grammar = (
+            None
+            if entry.grammar_mode == "none" or choice == "none"
+            else self._grammar(toolset, choice, parallel)
+        )
+        extra: list[Message] = []  # turns of this request the client does not see
+        for _ in range(entry.max_steps):
+            prompt = build_prompt(collapse(messages, events) + extra, toolset, choice, parallel)
+            text = ""
+            parsed: StaticCalls | KernelProgram | None = None
+            thought = ""
+            for attempt in range(entry.repair_attempts + 1):
+                text, usage = await self._generate(entry, backend, prompt, request, payload, grammar, clock)
+                result.add_usage(usage)
+                if choice == "none":
+                    break
+                try:
+                    output = parse_output(text)
+                    if isinstance(output, Action):
+                        parsed = classify(output.source, toolset)
+                        thought = output.thought
+                    elif choice != "auto":
+                        raise OutputError("This reply must call a function in a ```python block.")
+                    break
+                except (OutputError, CallError) as exc:
+                    log.info("repairing model output (attempt %d): %s", attempt + 1, exc.message)
+                    parsed = None
+                    prompt = [
+                        *prompt,
+                        {"role": "assistant", "content": text},
+                        {
+                            "role": "user",
+                            "content": f"That reply could not be used: {exc.message}\nReply again, fixed.",
+                        },
+                    ]
+            if parsed is None:
+                result.content = text.strip()
+                result.finish_reason = "stop"
+                return
+            turn = sum(1 for e in events if e.get("kind") == "turn") + 1
+            if isinstance(parsed, StaticCalls) and (parallel or len(parsed.calls) == 1):
+                seq = self._next_seq(events)
+                calls = [
+                    ToolCallOut(self.ids.issue(session_id, seq + i), call.name, call.arguments_json)
+                    for i, call in enumerate(parsed.calls)
+                ]
+                await self.store.append(
+                    session_id,
+                    {
+                        "kind": "turn",
+                        "turn": turn,
+                        "mode": "static",
+                        "source": parsed.source,
+                        "thought": thought,
+                    },
+                    *({"kind": "static_call", "call_id": c.id, "seq": seq + i} for i, c in enumerate(calls)),
+                )
+                result.content = thought or None
+                result.tool_calls = calls
+                result.finish_reason = "tool_calls"
+                return
+            await self.store.append(
+                session_id,
+                {"kind": "turn", "turn": turn, "mode": "kernel", "source": parsed.source, "thought": thought},
+            )
+            live = await self.runtime.kernel(session_id, toolset)
+            state = await self._guarded(live.kernel.execute(parsed.source), session_id)
+            if await self._settle(session_id, toolset, turn, state, result):
+                return
+            events = await self.store.events(session_id)
+            observed = next((str(e["output"]) for e in reversed(events) if e.get("kind") == "cell_end"), "")
+            block = f"```python\n{parsed.source}\n```"
+            extra += [
+                {"role": "assistant", "content": f"{thought}\n\n{block}" if thought else block},
+                {"role": "user", "content": f"Observation:\n{observed or '(no output)'}"},
+            ]
+        result.content = "The task did not finish within this model's max_steps; ask again to continue."
+        result.finish_reason = "length"
+
+    async def _guarded(self, step: Any, session_id: str) -> Pending | Finished:
+        try:
+            return await step  # type: ignore[no-any-return]
+        except KernelDied as exc:
+            await self.runtime.release(session_id)
+            from proxy.kernels import CellError, CellOutput
+
+            return Finished(CellOutput(error=CellError("KernelDied", str(exc), f"The kernel died: {exc}")))
+
+    def _next_seq(self, events: list[Event]) -> int:
+        return 1 + max(
+            (int(e.get("seq", 0)) for e in events if e.get("kind") in ("call", "static_call")), default=0
+        )
+
+    async def _settle(
+        self, session_id: str, toolset: Toolset, turn: int, state: Pending | Finished, result: LoopResult
+    ) -> bool:
+        """Drive a kernel cell until a client call (True: respond with it) or its end (False)."""
+        while isinstance(state, Pending):
+            request = state.request
+            tool = toolset.by_name(request.tool)
+            try:
+                if tool is None:
+                    raise CallError(f"{request.tool} is not a tool of this request")
+                check_call(tool, [], request.arguments)
+            except CallError as exc:  # the program gets a ToolError, the client is not asked
+                live = self.runtime.live[session_id]
+                state = await self._guarded(live.kernel.reply(error=exc.message), session_id)
+                continue
+            events = await self.store.events(session_id)
+            seq = self._next_seq(events)
+            call_id = self.ids.issue(session_id, seq)
+            arguments = orjson.dumps(request.arguments).decode()
+            await self.store.append(
+                session_id,
+                {
+                    "kind": "call",
+                    "call_id": call_id,
+                    "seq": seq,
+                    "turn": turn,
+                    "tool": request.tool,
+                    "arguments": request.arguments,
+                },
+            )
+            self.runtime.live[session_id].waiting_call_id = call_id
+            result.tool_calls = [ToolCallOut(call_id, request.tool, arguments)]
+            result.finish_reason = "tool_calls"
+            return True
+        await self.store.append(session_id, {"kind": "cell_end", "turn": turn, "output": state.output.text()})
+        return False
+
+    async def _resume(
+        self,
+        session_id: str,
+        toolset: Toolset,
+        events: list[Event],
+        answers: list[Message],
+        result: LoopResult,
+    ) -> bool:
+        """Feed the client's answer to the waiting kernel call; True if the response is decided."""
+        answered = {str(m.get("tool_call_id")): m for m in answers}
+        results = {e["call_id"] for e in events if e.get("kind") == "result"}
+        waiting = next(
+            (e for e in reversed(events) if e.get("kind") == "call" and e["call_id"] not in results), None
+        )
+        if waiting is None or waiting["call_id"] not in answered:
+            return False
+        value = result_value(answered[waiting["call_id"]].get("content"))
+        await self.store.append(session_id, {"kind": "result", "call_id": waiting["call_id"], "value": value})
+        turn = int(waiting["turn"])
+        live = self.runtime.live.get(session_id)
+        state: Pending | Finished | None = None
+        if (
+            live is not None
+            and live.waiting_call_id == waiting["call_id"]
+            and not live.kernel.retired
+            and await live.kernel.connection.is_alive()
+        ):
+            live.waiting_call_id = None
+            try:
+                state = await live.kernel.reply(value)
+            except KernelDied:  # died while we waited: the log brings it back
+                await self.runtime.release(session_id)
+                live = None
+        else:
+            live = None
+        if live is None:
+            # this kernel is gone (crash, restart, another replica): replay the log onto a fresh one
+            live, state = await self.runtime.replay(session_id, toolset, await self.store.events(session_id))
+        if state is None:
+            return False
+        return await self._settle(session_id, toolset, turn, state, result)

@@ -1,0 +1,136 @@
+"""Which session holds which kernel in this process, and how a lost kernel comes back.
+
+A kernel is a cache of its session's log. When a request resumes a session whose
+kernel is not here (this replica restarted, another replica had it, or it died),
+the runtime takes a fresh kernel and replays the log: every kernel turn's program
+runs again, and each tool call it makes is answered from the recorded results
+instead of asking anyone, until the call that is waiting now.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel
+from proxy.sessions import SessionStore
+from translators import Toolset, render_kernel_stubs
+
+__all__ = ["LiveSession", "Runtime"]
+
+log = logging.getLogger("cablectl.actions")
+Event = dict[str, Any]
+
+
+@dataclass
+class LiveSession:
+    session_id: str
+    kernel: PooledKernel
+    digest: str
+    waiting_call_id: str | None = None
+    last_used: float = 0.0
+
+
+def result_value(content: Any) -> Any:
+    """A tool message's content as the stub returns it: parsed JSON when it is JSON, else text."""
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    if isinstance(content, str):
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return content
+    return content
+
+
+class Runtime:
+    def __init__(self, pool: KernelPool, store: SessionStore) -> None:
+        self.pool = pool
+        self.store = store
+        self.live: dict[str, LiveSession] = {}
+
+    async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
+        """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
+        live = self.live.get(session_id)
+        if live is not None and not live.kernel.retired and await live.kernel.connection.is_alive():
+            if live.digest != toolset.digest:
+                await self._install(live.kernel, toolset)
+                live.digest = toolset.digest
+            live.last_used = time.monotonic()
+            return live
+        if live is not None:
+            await self.release(session_id)
+        kernel = await self.pool.acquire(session_id)
+        try:
+            await self._install(kernel, toolset)
+        except BaseException:
+            await self.pool.release(kernel)
+            raise
+        live = LiveSession(session_id, kernel, toolset.digest, last_used=time.monotonic())
+        self.live[session_id] = live
+        return live
+
+    async def _install(self, kernel: PooledKernel, toolset: Toolset) -> None:
+        result = await kernel.execute(render_kernel_stubs(toolset))
+        if not isinstance(result, Finished) or result.output.error is not None:
+            raise KernelDied("installing the tool stubs failed")
+
+    async def replay(
+        self, session_id: str, toolset: Toolset, events: list[Event]
+    ) -> tuple[LiveSession, Pending | Finished | None]:
+        """A fresh kernel brought to where the log ends.
+
+        Every kernel turn runs again with its recorded results fed back; returns the
+        last turn's state after its recorded results: ``Pending`` for a call the log has
+        not seen yet, ``Finished`` if it ran to the end, None if there was nothing to run."""
+        await self.release(session_id)
+        live = await self.kernel(session_id, toolset)
+        results: dict[str, Event] = {e["call_id"]: e for e in events if e.get("kind") == "result"}
+        calls_by_turn: dict[int, list[Event]] = {}
+        for event in events:
+            if event.get("kind") == "call":
+                calls_by_turn.setdefault(int(event["turn"]), []).append(event)
+        turns = [e for e in events if e.get("kind") == "turn" and e.get("mode") == "kernel"]
+        state: Pending | Finished | None = None
+        for index, event in enumerate(turns):
+            state = await live.kernel.execute(str(event["source"]))
+            for call in calls_by_turn.get(int(event["turn"]), []):
+                if not isinstance(state, Pending):
+                    break
+                recorded = results.get(call["call_id"])
+                if recorded is None:  # still waiting for the client
+                    live.waiting_call_id = str(call["call_id"])
+                    return live, state
+                if "error" in recorded:
+                    state = await live.kernel.reply(error=str(recorded["error"]))
+                else:
+                    state = await live.kernel.reply(recorded.get("value"))
+            if index < len(turns) - 1:
+                # an earlier turn that asks for more than was recorded went another way
+                # this time: end it, so the next program can run
+                for _ in range(100):
+                    if not isinstance(state, Pending):
+                        break
+                    state = await live.kernel.reply(error="no recorded result while replaying this session")
+        log.info("session %s replayed onto kernel %s", session_id, live.kernel.kernel_id)
+        return live, state
+
+    async def release(self, session_id: str) -> None:
+        live = self.live.pop(session_id, None)
+        if live is not None:
+            await self.pool.release(live.kernel)
+
+    async def sweep(self, idle_seconds: float) -> None:
+        """Give back kernels of sessions idle longer than ``idle_seconds`` (their logs stay)."""
+        now = time.monotonic()
+        for session_id, live in list(self.live.items()):
+            if now - live.last_used > idle_seconds:
+                await self.release(session_id)
+
+    async def aclose(self) -> None:
+        for session_id in list(self.live):
+            await self.release(session_id)
