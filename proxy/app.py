@@ -36,6 +36,7 @@ from proxy.kernels.local import LocalKernelProvider, ResourceLimits
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, InMemorySessionStore, RedisSessionStore, SessionStore
+from proxy.toolsets import build_toolsets
 
 __all__ = ["create_app", "error_response"]
 
@@ -164,12 +165,16 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("sessions.secret is not set: tool-call ids will not verify on other replicas; set it")
     ids = CallIds(settings.sessions.secret.encode() if settings.sessions.secret else secrets.token_bytes(32))
     pool = _kernel_pool(settings)
+    toolsets = build_toolsets(settings.toolsets)
     runtime = Runtime(pool, store)
     loop = ActionLoop(router, runtime, store, ids)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        for toolset in toolsets.values():
+            await toolset.start()
+            log.info("toolset %s: %d functions", toolset.name, len(toolset.tools))
         await pool.start()
         log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)
         try:
@@ -177,6 +182,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await runtime.aclose()
             await pool.aclose()
+            for toolset in toolsets.values():
+                await toolset.aclose()
             await store.aclose()
             await router.aclose()
 
@@ -286,8 +293,14 @@ def create_app(settings: Settings) -> FastAPI:
                 param="model",
             )
         entry = settings.route(chat.model)
-        if chat.tools and entry is not None and entry.code_actions:
-            result = await loop.run(entry, router.get(chat.model), chat, payload, record.clock)
+        if entry is not None and entry.code_actions and (chat.tools or entry.toolsets):
+            offered = [toolsets[n] for n in entry.toolsets if principal.may_use_toolset(n)]
+            denied = {
+                f for n in entry.toolsets if not principal.may_use_toolset(n) for f in toolsets[n].names()
+            }
+            result = await loop.run(
+                entry, router.get(chat.model), chat, payload, record.clock, offered, denied
+            )
             if not chat.stream:
                 return Response(completion_body(result, chat.model), media_type="application/json")
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

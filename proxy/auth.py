@@ -23,6 +23,10 @@ class Principal:
 
     key_id: str
     models: frozenset[str] | None = None
+    toolsets: frozenset[str] | None = None
+
+    def may_use_toolset(self, name: str) -> bool:
+        return self.toolsets is None or name in self.toolsets
 
     def may_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -46,7 +50,11 @@ class KeyRing:
         self._keys = [
             (
                 entry.key.encode(),
-                Principal(entry.id, None if entry.models is None else frozenset(entry.models)),
+                Principal(
+                    entry.id,
+                    None if entry.models is None else frozenset(entry.models),
+                    None if entry.toolsets is None else frozenset(entry.toolsets),
+                ),
             )
             for entry in keys
         ]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.errors import ConfigError
@@ -34,11 +34,13 @@ __all__ = [
     "KernelSettings",
     "KeyEntry",
     "LiteLLMParams",
+    "MCPServer",
     "ModelEntry",
     "RouterSettings",
     "ServerSettings",
     "SessionSettings",
     "Settings",
+    "ToolsetConfig",
     "load_settings",
     "resolve_env_refs",
 ]
@@ -101,6 +103,7 @@ class ModelEntry(BaseModel):
     grammar: Literal["auto", "gbnf", "lark", "none"] = "auto"
     max_steps: int = Field(default=8, ge=1, le=64)
     repair_attempts: int = Field(default=2, ge=0, le=8)
+    toolsets: list[str] = Field(default_factory=list)  # server-side toolsets offered on this route
 
     @property
     def grammar_mode(self) -> Literal["gbnf", "lark", "none"]:
@@ -150,6 +153,7 @@ class KeyEntry(BaseModel):
     id: str = Field(min_length=1)
     key: str = Field(min_length=8)
     models: list[str] | None = None
+    toolsets: list[str] | None = None  # server-side toolsets this key may use (all if unset)
 
 
 class ServerSettings(BaseSettings):
@@ -173,6 +177,40 @@ class ServerSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # env beats the config file's values, which arrive as init kwargs
         return (env_settings, init_settings)
+
+
+class MCPServer(BaseModel):
+    """An MCP server: a stdio command, or a streamable-HTTP URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] | None = Field(default=None, min_length=1)
+    url: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one(self) -> MCPServer:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give an MCP server either 'command' (stdio) or 'url' (HTTP), not both")
+        return self
+
+
+class ToolsetConfig(BaseModel):
+    """A server-side toolset: the proxy executes its functions, so credentials stay here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    openapi: str | None = None  # a spec path, or an http(s) URL fetched at startup
+    base_url: str | None = None  # overrides the spec's servers[0]
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. Authorization: os.environ/TOKEN
+    mcp: MCPServer | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> ToolsetConfig:
+        if (self.openapi is None) == (self.mcp is None):
+            raise ValueError("a toolset is either 'openapi' or 'mcp'")
+        return self
 
 
 class SessionSettings(BaseModel):
@@ -213,6 +251,19 @@ class Settings(BaseModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     kernels: KernelSettings = Field(default_factory=KernelSettings)
+    toolsets: dict[str, ToolsetConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _toolsets_exist(self) -> Settings:
+        for where, names in [
+            *((f"model {e.model_name!r}", e.toolsets) for e in self.model_list),
+            *((f"key {k.id!r}", k.toolsets or []) for k in self.keys),
+        ]:
+            unknown = [n for n in names if n not in self.toolsets]
+            if unknown:
+                raise ValueError(f"{where} names toolset(s) {unknown} that 'toolsets:' does not define")
+        return self
+
     source: str = "embedded default"
 
     @field_validator("model_list")

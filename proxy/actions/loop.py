@@ -28,11 +28,12 @@ from proxy.actions.runtime import Runtime, result_value
 from proxy.backends.base import ModelBackend
 from proxy.backends.local import LocalBackend
 from proxy.config import ModelEntry
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, PermissionDenied
 from proxy.kernels import Finished, KernelDied, Pending
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, SessionStore, new_session_id
+from proxy.toolsets import ServerToolset, ToolCallFailed
 from translators import (
     Action,
     CallError,
@@ -162,11 +163,35 @@ class ActionLoop:
         request: ChatCompletionRequest,
         payload: dict[str, Any],
         clock: UpstreamClock,
+        server: list[ServerToolset] | None = None,
+        denied: set[str] | None = None,
     ) -> LoopResult:
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
+        client_tools = list(payload.get("tools") or [])
+        servers = {name: ts for ts in server or [] for name in ts.names()}
+        clash = sorted(
+            {str(t.get("function", {}).get("name")) for t in client_tools if isinstance(t, dict)}
+            & set(servers)
+        )
+        if clash:
+            raise InvalidRequest(
+                f"tool name(s) {clash} clash with server-side functions of this model; "
+                "rename the client's tools",
+                param="tools",
+            )
+        named = (
+            (request.tool_choice or {}).get("function", {}).get("name")
+            if isinstance(request.tool_choice, dict)
+            else None
+        )
+        if named is not None and named in (denied or set()):
+            raise PermissionDenied(
+                f"tool_choice names {named!r}, a server-side function this API key may not use",
+                param="tool_choice",
+            )
         try:
-            toolset = self.toolsets.get(payload.get("tools") or [])
+            toolset = self.toolsets.get(client_tools + [t for ts in server or [] for t in ts.tools])
             choice = normalize_tool_choice(request.tool_choice, toolset)
         except ToolsetError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
@@ -178,12 +203,25 @@ class ActionLoop:
             if not events:
                 await self.store.append(session_id, {"kind": "tools", "digest": toolset.digest})
                 events = await self.store.events(session_id)
-            resumed = await self._resume(session_id, toolset, events, trailing_tool_results(messages), result)
+            resumed = await self._resume(
+                session_id, toolset, events, trailing_tool_results(messages), result, servers
+            )
             if resumed:
                 return result
             events = await self.store.events(session_id)
             await self._steps(
-                entry, backend, request, payload, toolset, choice, parallel, messages, events, result, clock
+                entry,
+                backend,
+                request,
+                payload,
+                toolset,
+                choice,
+                parallel,
+                messages,
+                events,
+                result,
+                clock,
+                servers,
             )
             return result
 
@@ -200,6 +238,7 @@ class ActionLoop:
         events: list[Event],
         result: LoopResult,
         clock: UpstreamClock,
+        servers: dict[str, ServerToolset],
     ) -> None:
         session_id = result.session_id or ""
         grammar = (
@@ -242,7 +281,8 @@ class ActionLoop:
                 result.finish_reason = "stop"
                 return
             turn = sum(1 for e in events if e.get("kind") == "turn") + 1
-            if isinstance(parsed, StaticCalls) and (parallel or len(parsed.calls) == 1):
+            static = isinstance(parsed, StaticCalls) and not any(c.name in servers for c in parsed.calls)
+            if isinstance(parsed, StaticCalls) and static and (parallel or len(parsed.calls) == 1):
                 seq = self._next_seq(events)
                 calls = [
                     ToolCallOut(self.ids.issue(session_id, seq + i), call.name, call.arguments_json)
@@ -269,7 +309,7 @@ class ActionLoop:
             )
             live = await self.runtime.kernel(session_id, toolset)
             state = await self._guarded(live.kernel.execute(parsed.source), session_id)
-            if await self._settle(session_id, toolset, turn, state, result):
+            if await self._settle(session_id, toolset, turn, state, result, servers):
                 return
             events = await self.store.events(session_id)
             observed = next((str(e["output"]) for e in reversed(events) if e.get("kind") == "cell_end"), "")
@@ -296,23 +336,54 @@ class ActionLoop:
         )
 
     async def _settle(
-        self, session_id: str, toolset: Toolset, turn: int, state: Pending | Finished, result: LoopResult
+        self,
+        session_id: str,
+        toolset: Toolset,
+        turn: int,
+        state: Pending | Finished,
+        result: LoopResult,
+        servers: dict[str, ServerToolset],
     ) -> bool:
         """Drive a kernel cell until a client call (True: respond with it) or its end (False)."""
         while isinstance(state, Pending):
             request = state.request
             tool = toolset.by_name(request.tool)
+            live = self.runtime.live[session_id]
             try:
                 if tool is None:
                     raise CallError(f"{request.tool} is not a tool of this request")
                 check_call(tool, [], request.arguments)
             except CallError as exc:  # the program gets a ToolError, the client is not asked
-                live = self.runtime.live[session_id]
                 state = await self._guarded(live.kernel.reply(error=exc.message), session_id)
                 continue
             events = await self.store.events(session_id)
             seq = self._next_seq(events)
             call_id = self.ids.issue(session_id, seq)
+            server = servers.get(request.tool)
+            if server is not None:  # the proxy answers it; recorded so a replay need not call again
+                recorded: Event = {"kind": "result", "call_id": call_id}
+                try:
+                    recorded["value"] = await server.call(request.tool, request.arguments)
+                except ToolCallFailed as exc:
+                    recorded["error"] = str(exc)
+                await self.store.append(
+                    session_id,
+                    {
+                        "kind": "call",
+                        "call_id": call_id,
+                        "seq": seq,
+                        "turn": turn,
+                        "tool": request.tool,
+                        "arguments": request.arguments,
+                        "server": server.name,
+                    },
+                    recorded,
+                )
+                if "error" in recorded:
+                    state = await self._guarded(live.kernel.reply(error=recorded["error"]), session_id)
+                else:
+                    state = await self._guarded(live.kernel.reply(recorded["value"]), session_id)
+                continue
             arguments = orjson.dumps(request.arguments).decode()
             await self.store.append(
                 session_id,
@@ -339,6 +410,7 @@ class ActionLoop:
         events: list[Event],
         answers: list[Message],
         result: LoopResult,
+        servers: dict[str, ServerToolset],
     ) -> bool:
         """Feed the client's answer to the waiting kernel call; True if the response is decided."""
         answered = {str(m.get("tool_call_id")): m for m in answers}
@@ -372,4 +444,4 @@ class ActionLoop:
             live, state = await self.runtime.replay(session_id, toolset, await self.store.events(session_id))
         if state is None:
             return False
-        return await self._settle(session_id, toolset, turn, state, result)
+        return await self._settle(session_id, toolset, turn, state, result, servers)
