@@ -6,6 +6,8 @@ nothing here reads the environment or keeps module-level state.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -156,6 +158,13 @@ def _kernel_pool(settings: Settings) -> KernelPool:
     )
 
 
+async def _sweep(runtime: Runtime, idle_seconds: float) -> None:
+    """Give back the kernels of sessions idle longer than ``idle_seconds``; their logs stay."""
+    while True:
+        await asyncio.sleep(min(30.0, idle_seconds / 2))
+        await runtime.sweep(idle_seconds)
+
+
 def create_app(settings: Settings) -> FastAPI:
     router = ModelRouter(settings)
     keyring = KeyRing(settings.keys)
@@ -176,10 +185,14 @@ def create_app(settings: Settings) -> FastAPI:
             await toolset.start()
             log.info("toolset %s: %d functions", toolset.name, len(toolset.tools))
         await pool.start()
+        sweeper = asyncio.create_task(_sweep(runtime, settings.kernels.session_idle_seconds))
         log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await runtime.aclose()
             await pool.aclose()
             for toolset in toolsets.values():

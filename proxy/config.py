@@ -234,6 +234,7 @@ class KernelSettings(BaseModel):
     acquire_timeout: float = Field(default=10.0, gt=0)
     cell_timeout: float = Field(default=30.0, gt=0)
     max_output_chars: int = Field(default=20_000, ge=100)
+    session_idle_seconds: float = Field(default=300.0, gt=0)  # then a session's kernel goes back
     memory_mb: int = Field(default=0, ge=0)  # 0: no limit
     cpu_seconds: int = Field(default=0, ge=0)
     gateway_url: str | None = None  # Jupyter Enterprise/Kernel Gateway instead of local processes

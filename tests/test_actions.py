@@ -345,3 +345,31 @@ def test_proxy_restart_between_turns_continues_from_redis(
     finally:
         for server in servers[-1:]:
             server.stop()
+
+
+def test_a_full_pool_evicts_idle_sessions(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    """One kernel, many conversations: a finished session's kernel goes to the next one."""
+    server = make_proxy(config(upstream_url, kernels={"min_idle": 1, "max_total": 1, "acquire_timeout": 20}))
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    for n in range(3):
+        upstream.plan(program(f"```python\nprint({n} * 7)\n```"), program(f"It is {n * 7}."))
+        result = ask(sdk, [{"role": "user", "content": f"{n} times 7?"}])
+        assert result.choices[0].message.content == f"It is {n * 7}."
+        assert upstream.received[-1].json["messages"][-1]["content"] == f"Observation:\n{n * 7}"
+    assert server.server.config.app.state.pool.stats().busy <= 1
+
+
+def test_lark_mode_sends_the_grammar(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    models = upstream_models(upstream_url)
+    models[0]["grammar"] = "lark"
+    server = make_proxy({"model_list": models})
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    upstream.plan(program('```python\nget_weather(city="Oslo")\n```'))
+    result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
+    assert (result.choices[0].message.tool_calls or [])[0].function.name == "get_weather"
+    grammar = upstream.received[-1].json["structured_outputs"]["grammar"]
+    assert grammar.startswith("start: action") and '"get_weather("' in grammar

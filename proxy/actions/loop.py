@@ -195,9 +195,40 @@ class ActionLoop:
             choice = normalize_tool_choice(request.tool_choice, toolset)
         except ToolsetError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
-        parallel = request.parallel_tool_calls is not False
         session_id = self._session_of(messages) or new_session_id()
         result = LoopResult(content=None, session_id=session_id)
+        try:
+            return await self._locked_run(
+                session_id,
+                entry,
+                backend,
+                request,
+                payload,
+                clock,
+                messages,
+                toolset,
+                choice,
+                servers,
+                result,
+            )
+        finally:
+            self.runtime.done(session_id)
+
+    async def _locked_run(
+        self,
+        session_id: str,
+        entry: ModelEntry,
+        backend: ModelBackend,
+        request: ChatCompletionRequest,
+        payload: dict[str, Any],
+        clock: UpstreamClock,
+        messages: list[Message],
+        toolset: Toolset,
+        choice: str,
+        servers: dict[str, ServerToolset],
+        result: LoopResult,
+    ) -> LoopResult:
+        parallel = request.parallel_tool_calls is not False
         async with self.store.lock(session_id):
             events = await self.store.events(session_id)
             if not events:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel
+from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel, PoolExhausted
 from proxy.sessions import SessionStore
 from translators import Toolset, render_kernel_stubs
 
@@ -33,6 +33,7 @@ class LiveSession:
     digest: str
     waiting_call_id: str | None = None
     last_used: float = 0.0
+    in_use: bool = False  # a request is working with this kernel right now
 
 
 def result_value(content: Any) -> Any:
@@ -61,18 +62,49 @@ class Runtime:
                 await self._install(live.kernel, toolset)
                 live.digest = toolset.digest
             live.last_used = time.monotonic()
+            live.in_use = True
             return live
         if live is not None:
             await self.release(session_id)
-        kernel = await self.pool.acquire(session_id)
+        kernel = await self._acquire(session_id)
         try:
             await self._install(kernel, toolset)
         except BaseException:
             await self.pool.release(kernel)
             raise
-        live = LiveSession(session_id, kernel, toolset.digest, last_used=time.monotonic())
+        live = LiveSession(session_id, kernel, toolset.digest, last_used=time.monotonic(), in_use=True)
         self.live[session_id] = live
         return live
+
+    async def _acquire(self, session_id: str) -> PooledKernel:
+        """A kernel from the pool; while it is full, evict idle sessions' kernels to make room."""
+        deadline = time.monotonic() + self.pool.acquire_timeout
+        while True:
+            if self.pool.stats().idle == 0 and self.pool.total >= self.pool.max_total:
+                await self._evict_one()
+            remaining = deadline - time.monotonic()
+            try:
+                return await self.pool.acquire(session_id, timeout=max(0.0, min(1.0, remaining)))
+            except PoolExhausted:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def done(self, session_id: str) -> None:
+        """The request working with this session's kernel has finished."""
+        live = self.live.get(session_id)
+        if live is not None:
+            live.in_use = False
+            live.last_used = time.monotonic()
+
+    async def _evict_one(self) -> None:
+        """The pool is full: give back the least recently used kernel no request is using.
+
+        Its session keeps its log; if it comes back, it is replayed onto a fresh kernel."""
+        idle = [live for live in self.live.values() if not live.in_use]
+        if idle:
+            victim = min(idle, key=lambda live: live.last_used)
+            log.info("pool full: evicting the kernel of idle session %s", victim.session_id)
+            await self.release(victim.session_id)
 
     async def _install(self, kernel: PooledKernel, toolset: Toolset) -> None:
         result = await kernel.execute(render_kernel_stubs(toolset))
@@ -128,7 +160,7 @@ class Runtime:
         """Give back kernels of sessions idle longer than ``idle_seconds`` (their logs stay)."""
         now = time.monotonic()
         for session_id, live in list(self.live.items()):
-            if now - live.last_used > idle_seconds:
+            if not live.in_use and now - live.last_used > idle_seconds:
                 await self.release(session_id)
 
     async def aclose(self) -> None:

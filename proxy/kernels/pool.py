@@ -161,24 +161,31 @@ class KernelPool:
 
     # --- lending ---------------------------------------------------------------------------
 
-    async def acquire(self, session_id: str) -> PooledKernel:
-        if self._closed:
-            raise PoolExhausted("the kernel pool is shutting down")
-        if not self._idle:
+    async def acquire(self, session_id: str, timeout: float | None = None) -> PooledKernel:
+        """A ready kernel for ``session_id``; waits ``timeout`` (default ``acquire_timeout``) at most."""
+        wait = self.acquire_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        # several waiters can wake for one kernel: whoever loses goes back to waiting
+        while not self._idle:
+            if self._closed:
+                raise PoolExhausted("the kernel pool is shutting down")
             self._fill(extra=1)
+            remaining = deadline - time.monotonic()
             try:
+                if remaining <= 0:
+                    raise TimeoutError
                 async with self._ready:
                     await asyncio.wait_for(
-                        self._ready.wait_for(lambda: bool(self._idle) or self._closed), self.acquire_timeout
+                        self._ready.wait_for(lambda: bool(self._idle) or self._closed), remaining
                     )
             except TimeoutError:
                 raise PoolExhausted(
-                    f"No kernel became free within {self.acquire_timeout:g} s "
+                    f"No kernel became free within {wait:g} s "
                     f"({len(self._busy)} busy, {self._starting} starting, at most {self.max_total}); "
                     "retry later, or raise the pool's max_total"
                 ) from None
-            if self._closed or not self._idle:
-                raise PoolExhausted("the kernel pool is shutting down")
+        if self._closed:
+            raise PoolExhausted("the kernel pool is shutting down")
         connection = self._idle.popleft()
         kernel = PooledKernel(connection, self, session_id=session_id, acquired_at=time.monotonic())
         self._busy.add(kernel)
