@@ -373,3 +373,59 @@ def test_lark_mode_sends_the_grammar(
     assert (result.choices[0].message.tool_calls or [])[0].function.name == "get_weather"
     grammar = upstream.received[-1].json["structured_outputs"]["grammar"]
     assert grammar.startswith("start: action") and '"get_weather("' in grammar
+
+
+def test_named_tool_choice_is_enforced_without_a_grammar(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    tools = [
+        *WEATHER,
+        {
+            "type": "function",
+            "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+        },
+    ]
+    upstream.plan(program("```python\nget_time()\n```"), program('```python\nget_weather(city="Oslo")\n```'))
+    result = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Oslo?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    assert [c.function.name for c in result.choices[0].message.tool_calls or []] == ["get_weather"]
+    assert "must call get_weather" in upstream.received[-1].json["messages"][-1]["content"]
+
+
+def test_parallel_tool_calls_false_gives_one_call_per_response(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    upstream.plan(program('```python\nget_weather(city="Paris")\nget_weather(city="Rome")\n```'))
+    messages: list[Any] = [{"role": "user", "content": "Paris and Rome?"}]
+    first = ask(client, messages, parallel_tool_calls=False)
+    calls = first.choices[0].message.tool_calls or []
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}]
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "18"},
+    ]
+    second = ask(client, messages, parallel_tool_calls=False)
+    assert [json.loads(c.function.arguments) for c in second.choices[0].message.tool_calls or []] == [
+        {"city": "Rome"}
+    ]
+
+
+def test_max_steps_bounds_the_loop(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    models = upstream_models(upstream_url)
+    models[0]["max_steps"] = 2
+    server = make_proxy({"model_list": models})
+    upstream.plan(*[program("```python\nprint('again')\n```")] * 3)
+    result = ask(
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0),
+        [{"role": "user", "content": "loop"}],
+    )
+    assert result.choices[0].finish_reason == "length" and "max_steps" in (
+        result.choices[0].message.content or ""
+    )
+    assert len(upstream.received) == 2

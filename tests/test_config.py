@@ -157,3 +157,21 @@ def test_router_settings_fallbacks(tmp_path: Path) -> None:
     rs = settings.router_settings
     assert rs.fallbacks_for("a") == ["b", "c"] and rs.fallbacks_for("z") == []
     assert rs.model_dump()["routing_strategy"] == "simple-shuffle"  # handed on to litellm
+
+
+def test_readme_config_reference_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Configuration", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "config.yaml"
+    path.write_text(block)
+    env = {
+        "OPENAI_API_KEY": "sk-x",
+        "CI_BOT_KEY": "sk-ci-bot-key",
+        "PETSTORE_KEY": "k",
+        "CABLECTL_SESSION_SECRET": "s" * 32,
+    }
+    settings = load_settings(path, env=env)
+    assert [m.model_name for m in settings.model_list] == ["local", "gpt-4o-mini"]
+    assert set(settings.toolsets) == {"petstore", "time"} and settings.keys[0].toolsets == ["time"]
+    assert settings.kernels.max_total == 8 and settings.sessions.redis_url

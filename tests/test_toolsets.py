@@ -187,3 +187,31 @@ def test_keys_limited_to_toolsets(proxy: UvicornThread, upstream: ScriptedUpstre
         model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
     )
     assert refused.choices[0].message.content is not None
+
+
+def test_mcp_toolset_over_streamable_http(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    from mcp.server.mcpserver import MCPServer
+
+    mcp_server = MCPServer("adder")
+
+    @mcp_server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    with UvicornThread(mcp_server.streamable_http_app()) as http_mcp:
+        models = upstream_models(upstream_url)
+        models[0]["toolsets"] = ["adder"]
+        proxy = make_proxy(
+            {"model_list": models, "toolsets": {"adder": {"mcp": {"url": http_mcp.url + "/mcp"}}}}
+        )
+        upstream.plan(program("```python\nprint(add(a=2, b=3))\n```"), program("Five."))
+        result = client(proxy).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "2+3?"}]
+        )
+        assert result.choices[0].message.content == "Five."
+        assert "def add(a: int, b: int):" in upstream.received[-2].json["messages"][0]["content"]
+        assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n{'result': 5}"
+        proxy.stop()  # close the MCP session while its server still runs

@@ -94,6 +94,19 @@ class LoopResult:
         self.usage["total_tokens"] = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
 
 
+def _check_named_choice(choice: str, program: StaticCalls | KernelProgram, toolset: Toolset) -> None:
+    """With tool_choice naming a function, the program must call it (and, if static, only it)."""
+    if not choice.startswith("function:"):
+        return
+    name = choice.split(":", 1)[1]
+    called = (
+        [c.name for c in program.calls] if isinstance(program, StaticCalls) else list(program.tools_called)
+    )
+    if name not in called or (isinstance(program, StaticCalls) and set(called) != {name}):
+        tool = toolset.by_name(name)
+        raise OutputError(f"This reply must call {tool.py if tool else name}, and only it.")
+
+
 class ActionLoop:
     def __init__(self, router: ModelRouter, runtime: Runtime, store: SessionStore, ids: CallIds) -> None:
         self.router = router
@@ -293,6 +306,7 @@ class ActionLoop:
                     if isinstance(output, Action):
                         parsed = classify(output.source, toolset)
                         thought = output.thought
+                        _check_named_choice(choice, parsed, toolset)
                     elif choice != "auto":
                         raise OutputError("This reply must call a function in a ```python block.")
                     break
