@@ -404,6 +404,14 @@ class ActionLoop:
             events = await self.store.events(session_id)
             seq = self._next_seq(events)
             call_id = self.ids.issue(session_id, seq)
+            call_event: Event = {
+                "kind": "call",
+                "call_id": call_id,
+                "seq": seq,
+                "turn": turn,
+                "tool": request.tool,
+                "arguments": request.arguments,
+            }
             server = servers.get(request.tool)
             if server is not None:  # the proxy answers it; recorded so a replay need not call again
                 recorded: Event = {"kind": "result", "call_id": call_id}
@@ -411,36 +419,14 @@ class ActionLoop:
                     recorded["value"] = await server.call(request.tool, request.arguments)
                 except ToolCallFailed as exc:
                     recorded["error"] = str(exc)
-                await self.store.append(
-                    session_id,
-                    {
-                        "kind": "call",
-                        "call_id": call_id,
-                        "seq": seq,
-                        "turn": turn,
-                        "tool": request.tool,
-                        "arguments": request.arguments,
-                        "server": server.name,
-                    },
-                    recorded,
-                )
+                await self.store.append(session_id, {**call_event, "server": server.name}, recorded)
                 if "error" in recorded:
                     state = await self._guarded(live.kernel.reply(error=recorded["error"]), session_id)
                 else:
                     state = await self._guarded(live.kernel.reply(recorded["value"]), session_id)
                 continue
             arguments = orjson.dumps(request.arguments).decode()
-            await self.store.append(
-                session_id,
-                {
-                    "kind": "call",
-                    "call_id": call_id,
-                    "seq": seq,
-                    "turn": turn,
-                    "tool": request.tool,
-                    "arguments": request.arguments,
-                },
-            )
+            await self.store.append(session_id, call_event)
             self.runtime.live[session_id].waiting_call_id = call_id
             result.tool_calls = [ToolCallOut(call_id, request.tool, arguments)]
             result.finish_reason = "tool_calls"
