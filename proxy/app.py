@@ -177,6 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
     toolsets = build_toolsets(settings.toolsets)
     runtime = Runtime(pool, store)
     loop = ActionLoop(router, runtime, store, ids)
+    routes = {entry.model_name: entry for entry in settings.model_list}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -305,7 +306,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "add it to that key's 'models' in config.yaml or use another key",
                 param="model",
             )
-        entry = settings.route(chat.model)
+        entry = routes.get(chat.model)
         if entry is not None and entry.code_actions and (chat.tools or entry.toolsets):
             offered = [toolsets[n] for n in entry.toolsets if principal.may_use_toolset(n)]
             denied = {
