@@ -50,7 +50,7 @@ def test_petstore_stubs_compile_and_calls_check(petstore: dict[str, Any]) -> Non
     toolset = Toolset.from_openai([o.tool for o in toolset_from_openapi(petstore)])
     source = render_stubs(toolset)
     exec(compile(source, "<petstore>", "exec"), {})
-    assert source.count("class Category(TypedDict)") == 1
+    assert source.count("class Category(TypedDict, total=False)") == 1
     assert "def findPetsByStatus(status: Literal['available', 'pending', 'sold'] = 'available'):" in source
     program = classify(
         'addPet(name="rex", photoUrls=["u"], category={"id": 1, "name": "dogs"}, status="sold")', toolset
@@ -219,7 +219,7 @@ def test_edge_spec_31() -> None:
     exec(compile(source, "<edges>", "exec"), {})
     assert "def patch_items_id(id: int, label: str | None, shape: Circle | Square" in source
     assert "dry_run: bool | None = None" in source and "x_trace: Literal['on'] | None = None" in source
-    assert 'kids: NotRequired[list["Node"]]' in source
+    assert 'class Node(TypedDict, total=False):\n    name: str\n    kids: list["Node"]' in source
     program = classify('patch_items_id(id=3, label=None, shape={"r": 2.5}, dry_run=True)', toolset)
     assert isinstance(program, StaticCalls)
     request = build_request(patch.http, program.calls[0].arguments)

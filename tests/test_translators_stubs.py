@@ -83,9 +83,9 @@ class Location(TypedDict):
 def get_weather(location: Location, unit: Literal['c', 'f'] = 'c', days: int | None = None):
     """Current weather and forecast.
 
-    location: Where.
-    unit: Temperature unit.
-    days: How many days of forecast."""
+location: Where.
+unit: Temperature unit.
+days: How many days of forecast."""
 '''
 
 
@@ -142,12 +142,12 @@ class Node(TypedDict):
 
 Kw = TypedDict('Kw', {'from': str})
 
-class Merged(TypedDict):
-    x: NotRequired[float]
-    y: NotRequired[bool]
+class Merged(TypedDict, total=False):
+    x: float
+    y: bool
 
-class BfclDict(TypedDict):
-    q: NotRequired[Any]
+class BfclDict(TypedDict, total=False):
+    q: Any
 
 def class_(first_name: str | None, tree: Node, color: Literal['red', 'green'] | None = None, mode: Literal['a', 'b'] | None = None, k: Literal[3] | None = None, scores: dict[str, float] | None = None, either: str | int | None = None, kw: Kw | None = None, merged: Merged | None = None, pair: tuple[str, int] | None = None, bfcl_tuple: tuple[float, ...] | None = None, bfcl_dict: BfclDict | None = None, nullable_30: str | None = None, flag: bool = False):
     """Says \\"\\"\\"hi\\"\\"\\" \\\\ ok"""

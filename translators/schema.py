@@ -153,6 +153,13 @@ class TypedDictDecl:
 
     def render(self) -> str:
         identifiers = all(k.isidentifier() and not keyword.iskeyword(k) for k, _, _ in self.fields)
+        if identifiers and self.fields and not any(required for _, _, required in self.fields):
+            # every key optional: total=False says it once, not NotRequired[...] per key
+            lines = [f"class {self.name}(TypedDict, total=False):"]
+            if self.description:
+                lines.append(f"    {docstring(self.description, 4)}")
+            lines += [f"    {key}: {ann}" for key, ann, _ in self.fields]
+            return "\n".join(lines)
         if identifiers:
             lines = [f"class {self.name}(TypedDict):"]
             if self.description:

@@ -69,7 +69,8 @@ def render_tool(tool: Tool, renderer: TypeRenderer) -> str:
     doc = _doc(tool)
     if not doc:
         return f"def {tool.py}({params}): ..."
-    return f"def {tool.py}({params}):\n    {docstring(doc, 4, close_inline=True)}"
+    # continuation lines unindented: inside a string indentation means nothing, and costs a token a line
+    return f"def {tool.py}({params}):\n    {docstring(doc, 0, close_inline=True)}"
 
 
 def render_stubs(toolset: Toolset, header: bool = True) -> str:
