@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import pct  # noqa: E402
 from proxy.kernels import ExecLimits, Finished, KernelPool, Pending  # noqa: E402
 from proxy.kernels.local import LocalKernel, LocalKernelProvider  # noqa: E402
 from translators.kernel_stubs import render_kernel_stubs  # noqa: E402
@@ -38,11 +39,6 @@ TOOLS = Toolset.from_openai(
         }
     ]
 )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def memory_kb(pid: int) -> tuple[int, int]:

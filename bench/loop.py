@@ -29,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import pct  # noqa: E402
 from proxy.app import create_app  # noqa: E402
 from proxy.config import load_settings  # noqa: E402
 from tests.servers import UvicornThread  # noqa: E402
@@ -89,11 +90,6 @@ def reply(content: str, tool_calls: list[dict[str, Any]] | None = None) -> Reply
         body["choices"][0]["message"]["tool_calls"] = tool_calls
         body["choices"][0]["finish_reason"] = "tool_calls"
     return Reply(json=body)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def post(client: httpx.AsyncClient, model: str, messages: list[Any]) -> tuple[dict[str, Any], float]:

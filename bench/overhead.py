@@ -32,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import pct  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 BODY = {
@@ -102,11 +103,6 @@ async def _batch(url: str, n: int, concurrency: int, stream: bool) -> list[float
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> int:

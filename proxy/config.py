@@ -279,12 +279,6 @@ class Settings(BaseModel):
             seen.add(entry.model_name)
         return entries
 
-    def route(self, model_name: str) -> ModelEntry | None:
-        for entry in self.model_list:
-            if entry.model_name == model_name:
-                return entry
-        return None
-
 
 def resolve_env_refs(value: Any, env: Mapping[str, str], where: str = "") -> Any:
     """Replace every ``os.environ/NAME`` string in a YAML tree by the variable's value."""

@@ -20,7 +20,7 @@ from typing import Any
 import grammars
 from translators.errors import ToolsetError
 from translators.schema import MAX_DEPTH, Refs, merge_all_of, schema_types
-from translators.tools import Param, Tool, Toolset
+from translators.tools import Tool, Toolset
 
 __all__ = ["ToolChoice", "build_grammar", "lark_literal", "normalize_tool_choice"]
 
@@ -208,11 +208,10 @@ class _Builder:
     def arguments(self, tool: Tool) -> str:
         items: list[tuple[str, bool]] = []
         for param in tool.params:
-            items.append((f"{lark_literal(param.py + '=')} {self._param_value(param, tool)}", param.required))
+            items.append(
+                (f"{lark_literal(param.py + '=')} {self.value(param.schema, tool.refs)}", param.required)
+            )
         return self.sequence(items)
-
-    def _param_value(self, param: Param, tool: Tool) -> str:
-        return self.value(param.schema, tool.refs)
 
 
 def build_grammar(toolset: Toolset, tool_choice: ToolChoice = "auto", parallel: bool = True) -> str:

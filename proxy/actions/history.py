@@ -78,7 +78,7 @@ def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
         return messages
     out: list[Message] = []
     shown: set[int] = set()
-    pending_observation: tuple[int, int] | None = None  # (turn, index in out after which it goes)
+    pending_turn: int | None = None  # a finished kernel turn whose observation goes next
     for message in messages:
         role = message.get("role")
         calls = message.get("tool_calls") or [] if role == "assistant" else []
@@ -95,12 +95,12 @@ def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
         if role == "tool" and str(message.get("tool_call_id")) in turn_of:
             turn = turn_of[str(message.get("tool_call_id"))]
             if turn in outputs:
-                pending_observation = (turn, len(out))
+                pending_turn = turn
             continue
-        if pending_observation is not None:
-            out.append({"role": "user", "content": f"Observation:\n{outputs[pending_observation[0]]}"})
-            pending_observation = None
+        if pending_turn is not None:
+            out.append({"role": "user", "content": f"Observation:\n{outputs[pending_turn]}"})
+            pending_turn = None
         out.append(message)
-    if pending_observation is not None:
-        out.append({"role": "user", "content": f"Observation:\n{outputs[pending_observation[0]]}"})
+    if pending_turn is not None:
+        out.append({"role": "user", "content": f"Observation:\n{outputs[pending_turn]}"})
     return out

@@ -29,7 +29,7 @@ from proxy.backends.base import ModelBackend
 from proxy.backends.local import LocalBackend
 from proxy.config import ModelEntry
 from proxy.errors import InvalidRequest, PermissionDenied
-from proxy.kernels import Finished, KernelDied, Pending
+from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, SessionStore, new_session_id
@@ -371,8 +371,6 @@ class ActionLoop:
             return await step  # type: ignore[no-any-return]
         except KernelDied as exc:
             await self.runtime.release(session_id)
-            from proxy.kernels import CellError, CellOutput
-
             return Finished(CellOutput(error=CellError("KernelDied", str(exc), f"The kernel died: {exc}")))
 
     def _next_seq(self, events: list[Event]) -> int:
