@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +62,15 @@ class RequestRecord:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, quiet_paths: frozenset[str] = frozenset({"/health"})) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        quiet_paths: frozenset[str] = frozenset({"/health", "/metrics"}),
+        on_finish: Callable[[RequestRecord, float], None] | None = None,
+    ) -> None:
         self.app = app
         self.quiet_paths = quiet_paths
+        self.on_finish = on_finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,6 +102,10 @@ class AccessLogMiddleware:
                 self._emit(record, disconnected=True)
 
     def _emit(self, record: RequestRecord, disconnected: bool) -> None:
-        if record.path in self.quiet_paths or not log.isEnabledFor(logging.INFO):
+        if record.path in self.quiet_paths:
             return
-        log.info(orjson.dumps(record.line(time.perf_counter(), disconnected)).decode())
+        finished = time.perf_counter()
+        if self.on_finish is not None:
+            self.on_finish(record, finished)
+        if log.isEnabledFor(logging.INFO):
+            log.info(orjson.dumps(record.line(finished, disconnected)).decode())

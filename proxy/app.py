@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,10 +37,12 @@ from proxy.errors import CablectlError, InvalidRequest, PermissionDenied, Reques
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, InMemorySessionStore, RedisSessionStore, SessionStore
 from proxy.toolsets import build_toolsets
+from proxy.tracing import TRACE_HEADER, Span, build_tracer
 
 __all__ = ["create_app", "error_response"]
 
@@ -158,6 +162,19 @@ def _kernel_pool(settings: Settings) -> KernelPool:
     )
 
 
+PUBLISH_INTERVAL = 2.0  # seconds between a replica's announcements of its kernels
+
+
+async def _publish(store: SessionStore, replica_id: str, snapshot: Any) -> None:
+    """Announce this replica's kernels in the session store, for ``cablectl kernels ls``."""
+    while True:
+        try:
+            await store.publish_replica(replica_id, snapshot(), ttl=3 * PUBLISH_INTERVAL)
+        except CablectlError as exc:  # the store is down: /ready says so; try again later
+            log.debug("could not announce this replica: %s", exc.message)
+        await asyncio.sleep(PUBLISH_INTERVAL)
+
+
 async def _sweep(runtime: Runtime, idle_seconds: float) -> None:
     """Give back the kernels of sessions idle longer than ``idle_seconds``; their logs stay."""
     while True:
@@ -175,9 +192,25 @@ def create_app(settings: Settings) -> FastAPI:
     ids = CallIds(settings.sessions.secret.encode() if settings.sessions.secret else secrets.token_bytes(32))
     pool = _kernel_pool(settings)
     toolsets = build_toolsets(settings.toolsets)
-    runtime = Runtime(pool, store)
-    loop = ActionLoop(router, runtime, store, ids)
+    metrics = Metrics(known_models=router.names())
+    tracer = build_tracer(settings.tracing.langfuse)
+    runtime = Runtime(pool, store, on_acquire_wait=metrics.acquire_wait.observe)
+    metrics.watch(pool.stats, lambda: len(runtime.live))
+    loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
     routes = {entry.model_name: entry for entry in settings.model_list}
+    replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    started_at = time.time()
+
+    def replica_snapshot() -> dict[str, Any]:
+        return {
+            "replica": replica_id,
+            "started_at": started_at,
+            "kernels": pool.snapshot(),
+            "sessions": {
+                sid: {"kernel_id": live.kernel.kernel_id, "waiting_call_id": live.waiting_call_id}
+                for sid, live in runtime.live.items()
+            },
+        }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -187,19 +220,24 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("toolset %s: %d functions", toolset.name, len(toolset.tools))
         await pool.start()
         sweeper = asyncio.create_task(_sweep(runtime, settings.kernels.session_idle_seconds))
+        publisher = asyncio.create_task(_publish(store, replica_id, replica_snapshot))
         log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, publisher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await runtime.aclose()
             await pool.aclose()
             for toolset in toolsets.values():
                 await toolset.aclose()
+            with contextlib.suppress(CablectlError):  # gone at once from `cablectl kernels ls`
+                await store.publish_replica(replica_id, {**replica_snapshot(), "stopping": True}, ttl=0.5)
             await store.aclose()
             await router.aclose()
+            await tracer.aclose()
 
     app = FastAPI(
         title="cablectl",
@@ -212,7 +250,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.loop = loop
     app.state.pool = pool
     app.state.store = store
-    app.add_middleware(AccessLogMiddleware)
+    app.state.metrics = metrics
+    app.state.tracer = tracer
+
+    def observe(record: RequestRecord, finished: float) -> None:
+        metrics.observe_request(
+            record.model, record.status or 499, finished - record.started, record.clock.ms / 1000
+        )
+
+    app.add_middleware(AccessLogMiddleware, on_finish=observe)
 
     @app.exception_handler(CablectlError)
     async def _cablectl_error(request: Request, exc: CablectlError) -> JSONResponse:
@@ -273,6 +319,11 @@ def create_app(settings: Settings) -> FastAPI:
             status_code=200 if ok else 503,
         )
 
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics (text exposition format); the names are listed in the README."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "cablectl"}
 
@@ -315,22 +366,42 @@ def create_app(settings: Settings) -> FastAPI:
             result = await loop.run(
                 entry, router.get(chat.model), chat, payload, record.clock, offered, denied
             )
+            traced = {TRACE_HEADER: result.trace_id} if result.trace_id else {}
             if not chat.stream:
-                return Response(completion_body(result, chat.model), media_type="application/json")
+                return Response(
+                    completion_body(result, chat.model), media_type="application/json", headers=traced
+                )
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
                 iter(list(completion_chunks(result, chat.model, include_usage))),
                 media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
             )
+        span = tracer.start(
+            "chat.completions", input=payload.get("messages"), metadata={"stream": bool(chat.stream)}
+        )
+        traced = {TRACE_HEADER: span.trace_id} if span.trace_id else {}
+        generation = span.child("generation", "generation", input=payload.get("messages"), model=chat.model)
         if not chat.stream:
-            body = await router.complete(payload, chat, record.clock)
-            return Response(body, media_type="application/json")
-        stream = await router.open_stream(payload, chat, record.clock)
+            try:
+                body = await router.complete(payload, chat, record.clock)
+            except CablectlError as exc:
+                generation.end(error=exc.message)
+                span.end(error=exc.message)
+                raise
+            if tracer.enabled:
+                _end_traced(body, generation, span)
+            return Response(body, media_type="application/json", headers=traced)
+        try:
+            stream = await router.open_stream(payload, chat, record.clock)
+        except CablectlError as exc:
+            generation.end(error=exc.message)
+            span.end(error=exc.message)
+            raise
         return StreamingResponse(
-            _relay(stream, record),
+            _relay(stream, record, (generation, span)),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
         )
 
     for path, in_schema in (("/v1/chat/completions", True), ("/chat/completions", False)):
@@ -357,7 +428,21 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _relay(stream: SSEStream, record: RequestRecord) -> AsyncIterator[bytes]:
+def _end_traced(body: bytes, generation: Span, span: Span) -> None:
+    """End a pass-through request's spans with the model's message and usage."""
+    try:
+        data = orjson.loads(body)
+        message = (data.get("choices") or [{}])[0].get("message")
+        usage = data.get("usage") or None
+    except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
+        message, usage = None, None
+    generation.end(output=message, usage=usage)
+    span.end(output=message)
+
+
+async def _relay(
+    stream: SSEStream, record: RequestRecord, spans: tuple[Span, ...] = ()
+) -> AsyncIterator[bytes]:
     """Forward upstream SSE bytes as they arrive; a failure mid-stream becomes an error event."""
     clock = record.clock
     iterator = stream.__aiter__()
@@ -397,3 +482,5 @@ async def _relay(stream: SSEStream, record: RequestRecord) -> AsyncIterator[byte
                     await aclose()
             finally:
                 await stream.aclose()
+                for span in spans:
+                    span.end(error=record.error, metadata={"stream": True})

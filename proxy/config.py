@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "KernelSettings",
     "KeyEntry",
+    "LangfuseSettings",
     "LiteLLMParams",
     "MCPServer",
     "ModelEntry",
@@ -41,6 +42,7 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "ToolsetConfig",
+    "TracingSettings",
     "load_settings",
     "resolve_env_refs",
 ]
@@ -241,6 +243,29 @@ class KernelSettings(BaseModel):
     gateway_token: str | None = None
 
 
+class LangfuseSettings(BaseModel):
+    """``tracing.langfuse:``; unset keys come from ``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_SECRET_KEY``
+    and ``LANGFUSE_HOST`` (or ``LANGFUSE_BASE_URL``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    public_key: str = Field(min_length=1)
+    secret_key: str = Field(min_length=1)
+    host: str = "https://cloud.langfuse.com"
+    environment: str | None = None
+    release: str | None = None
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    flush_interval: float = Field(default=1.0, gt=0)  # seconds between exports
+
+
+class TracingSettings(BaseModel):
+    """``tracing:``: with no Langfuse keys (config or env), tracing is off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    langfuse: LangfuseSettings | None = None
+
+
 class Settings(BaseModel):
     """The whole configuration. Built once by ``load_settings``."""
 
@@ -253,6 +278,7 @@ class Settings(BaseModel):
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     kernels: KernelSettings = Field(default_factory=KernelSettings)
     toolsets: dict[str, ToolsetConfig] = Field(default_factory=dict)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @model_validator(mode="after")
     def _toolsets_exist(self) -> Settings:
@@ -337,6 +363,7 @@ def load_settings(
         raw = DEFAULT_CONFIG
         source = "embedded default"
     raw = resolve_env_refs(raw, environ)
+    raw = _langfuse_from_env(raw, environ)
     if "model_list" not in raw:
         raw = {**raw, "model_list": DEFAULT_CONFIG["model_list"]}
     server_raw = dict(raw.get("server") or {})
@@ -353,6 +380,29 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from exc
     return settings
+
+
+_LANGFUSE_ENV = {
+    "public_key": ("LANGFUSE_PUBLIC_KEY",),
+    "secret_key": ("LANGFUSE_SECRET_KEY",),
+    "host": ("LANGFUSE_HOST", "LANGFUSE_BASE_URL"),
+}
+
+
+def _langfuse_from_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Fill ``tracing.langfuse`` from ``LANGFUSE_*``; the config file's values win."""
+    tracing = dict(raw.get("tracing") or {})
+    section = tracing.get("langfuse")
+    if section is not None and not isinstance(section, dict):
+        return raw  # let validation name the problem
+    merged = dict(section or {})
+    for field, names in _LANGFUSE_ENV.items():
+        value = next((environ[n] for n in names if environ.get(n)), None)
+        if value is not None and field not in merged:
+            merged[field] = value
+    if section is None and not ("public_key" in merged and "secret_key" in merged):
+        return raw  # no keys anywhere: tracing stays off
+    return {**raw, "tracing": {**tracing, "langfuse": merged}}
 
 
 def _server_from(server_raw: dict[str, Any], environ: Mapping[str, str]) -> ServerSettings:

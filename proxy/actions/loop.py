@@ -30,10 +30,12 @@ from proxy.backends.local import LocalBackend
 from proxy.config import ModelEntry
 from proxy.errors import InvalidRequest, PermissionDenied
 from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
+from proxy.metrics import Metrics
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, SessionStore, new_session_id
 from proxy.toolsets import ServerToolset, ToolCallFailed
+from proxy.tracing import NoopTracer, Span, Tracer
 from translators import (
     Action,
     CallError,
@@ -87,6 +89,7 @@ class LoopResult:
         default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     )
     session_id: str | None = None
+    trace_id: str | None = None
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         for key in ("prompt_tokens", "completion_tokens"):
@@ -107,12 +110,41 @@ def _check_named_choice(choice: str, program: StaticCalls | KernelProgram, tools
         raise OutputError(f"This reply must call {tool.py if tool else name}, and only it.")
 
 
+def _client_answers(messages: list[Message], answers: list[Message]) -> list[dict[str, Any]]:
+    """The trailing tool results with the call each answers: name, arguments, result."""
+    calls = {
+        str(c.get("id")): c.get("function") or {}
+        for m in messages
+        if m.get("role") == "assistant"
+        for c in m.get("tool_calls") or []
+    }
+    return [
+        {
+            "call_id": str(m.get("tool_call_id")),
+            "name": calls.get(str(m.get("tool_call_id")), {}).get("name"),
+            "arguments": calls.get(str(m.get("tool_call_id")), {}).get("arguments"),
+            "result": m.get("content"),
+        }
+        for m in answers
+    ]
+
+
 class ActionLoop:
-    def __init__(self, router: ModelRouter, runtime: Runtime, store: SessionStore, ids: CallIds) -> None:
+    def __init__(
+        self,
+        router: ModelRouter,
+        runtime: Runtime,
+        store: SessionStore,
+        ids: CallIds,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.router = router
         self.runtime = runtime
         self.store = store
         self.ids = ids
+        self.tracer = tracer or NoopTracer()
+        self.metrics = metrics or Metrics()
         self.toolsets = ToolsetCache()
         self._grammars: dict[tuple[str, str, bool], tuple[str, str]] = {}
 
@@ -210,22 +242,45 @@ class ActionLoop:
             raise InvalidRequest(exc.message, param=exc.param) from exc
         session_id = self._session_of(messages) or new_session_id()
         result = LoopResult(content=None, session_id=session_id)
-        try:
-            return await self._locked_run(
-                session_id,
-                entry,
-                backend,
-                request,
-                payload,
-                clock,
-                messages,
-                toolset,
-                choice,
-                servers,
-                result,
+        answers = trailing_tool_results(messages)
+        with self.tracer.request(
+            "chat.completions",
+            session_id=session_id,
+            input=answers or messages[-1:],
+            metadata={"model": request.model, "grammar": entry.grammar_mode, "stream": bool(request.stream)},
+        ) as span:
+            result.trace_id = span.trace_id
+            for answer in _client_answers(messages, answers):
+                with span.child("tool", "tool", input=answer, metadata={"kind": "client"}) as tool_span:
+                    tool_span.end(output=answer["result"])
+            try:
+                await self._locked_run(
+                    session_id,
+                    entry,
+                    backend,
+                    request,
+                    payload,
+                    clock,
+                    messages,
+                    toolset,
+                    choice,
+                    servers,
+                    result,
+                    span,
+                )
+            finally:
+                self.runtime.done(session_id)
+            span.end(
+                output={
+                    "content": result.content,
+                    "tool_calls": [
+                        {"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls
+                    ],
+                    "finish_reason": result.finish_reason,
+                },
+                usage=result.usage,
             )
-        finally:
-            self.runtime.done(session_id)
+        return result
 
     async def _locked_run(
         self,
@@ -240,6 +295,7 @@ class ActionLoop:
         choice: str,
         servers: dict[str, ServerToolset],
         result: LoopResult,
+        span: Span,
     ) -> LoopResult:
         parallel = request.parallel_tool_calls is not False
         async with self.store.lock(session_id):
@@ -248,7 +304,7 @@ class ActionLoop:
                 await self.store.append(session_id, {"kind": "tools", "digest": toolset.digest})
                 events = await self.store.events(session_id)
             resumed = await self._resume(
-                session_id, toolset, events, trailing_tool_results(messages), result, servers
+                session_id, toolset, events, trailing_tool_results(messages), result, servers, span
             )
             if resumed:
                 return result
@@ -266,6 +322,7 @@ class ActionLoop:
                 result,
                 clock,
                 servers,
+                span,
             )
             return result
 
@@ -283,6 +340,7 @@ class ActionLoop:
         result: LoopResult,
         clock: UpstreamClock,
         servers: dict[str, ServerToolset],
+        span: Span,
     ) -> None:
         session_id = result.session_id or ""
         grammar = (
@@ -291,14 +349,38 @@ class ActionLoop:
             else self._grammar(toolset, choice, parallel)
         )
         extra: list[Message] = []  # turns of this request the client does not see
+        mode = "none" if grammar is None else entry.grammar_mode
         for _ in range(entry.max_steps):
-            prompt = build_prompt(collapse(messages, events) + extra, toolset, choice, parallel)
+            prompt = first_prompt = build_prompt(
+                collapse(messages, events) + extra, toolset, choice, parallel
+            )
             text = ""
             parsed: StaticCalls | KernelProgram | None = None
             thought = ""
+            turn_usage: dict[str, int] = {}
+            problem: str | None = None  # what the last reply got wrong
             for attempt in range(entry.repair_attempts + 1):
-                text, usage = await self._generate(entry, backend, prompt, request, payload, grammar, clock)
+                repair = None if problem is None else span.child("repair", input=problem)
+                try:
+                    with (repair or span).child(
+                        "generation",
+                        "generation",
+                        input=prompt,
+                        model=entry.model_name,
+                        metadata={"grammar": mode, "attempt": attempt},
+                    ) as generation:
+                        text, usage = await self._generate(
+                            entry, backend, prompt, request, payload, grammar, clock
+                        )
+                        generation.end(output=text, usage=usage)
+                finally:
+                    if repair is not None:
+                        repair.end()
+                self.metrics.generations.labels(entry.model_name, mode).inc()
                 result.add_usage(usage)
+                for key, value in usage.items():
+                    if isinstance(value, int):
+                        turn_usage[key] = turn_usage.get(key, 0) + value
                 if choice == "none":
                     break
                 try:
@@ -309,9 +391,14 @@ class ActionLoop:
                         _check_named_choice(choice, parsed, toolset)
                     elif choice != "auto":
                         raise OutputError("This reply must call a function in a ```python block.")
+                    if problem is not None:
+                        self.metrics.repairs.labels(entry.model_name, "repaired").inc()
                     break
                 except (OutputError, CallError) as exc:
                     log.info("repairing model output (attempt %d): %s", attempt + 1, exc.message)
+                    if problem is not None:
+                        self.metrics.repairs.labels(entry.model_name, "failed").inc()
+                    problem = exc.message
                     parsed = None
                     prompt = [
                         *prompt,
@@ -321,11 +408,21 @@ class ActionLoop:
                             "content": f"That reply could not be used: {exc.message}\nReply again, fixed.",
                         },
                     ]
+            turn = sum(1 for e in events if e.get("kind") == "turn") + 1
+            record: Event = {
+                "kind": "turn",
+                "turn": turn,
+                "model": entry.model_name,
+                "prompt": first_prompt,
+                "completion": text,
+                "usage": turn_usage,
+                "attempts": attempt + 1,
+            }
             if parsed is None:
+                await self.store.append(session_id, {**record, "mode": "answer"})
                 result.content = text.strip()
                 result.finish_reason = "stop"
                 return
-            turn = sum(1 for e in events if e.get("kind") == "turn") + 1
             static = isinstance(parsed, StaticCalls) and not any(c.name in servers for c in parsed.calls)
             if isinstance(parsed, StaticCalls) and static and (parallel or len(parsed.calls) == 1):
                 seq = self._next_seq(events)
@@ -335,27 +432,38 @@ class ActionLoop:
                 ]
                 await self.store.append(
                     session_id,
-                    {
-                        "kind": "turn",
-                        "turn": turn,
-                        "mode": "static",
-                        "source": parsed.source,
-                        "thought": thought,
-                    },
-                    *({"kind": "static_call", "call_id": c.id, "seq": seq + i} for i, c in enumerate(calls)),
+                    {**record, "mode": "static", "source": parsed.source, "thought": thought},
+                    *(
+                        {
+                            "kind": "static_call",
+                            "call_id": c.id,
+                            "seq": seq + i,
+                            "turn": turn,
+                            "tool": c.name,
+                            "arguments": c.arguments,
+                        }
+                        for i, c in enumerate(calls)
+                    ),
                 )
+                self.metrics.actions.labels("static").inc()
+                self.metrics.tool_calls.labels("client").inc(len(calls))
+                for call in calls:
+                    span.child("tool", "tool", input={"name": call.name, "arguments": call.arguments}).end(
+                        output={"sent_to_client": call.id}, metadata={"kind": "client", "path": "static"}
+                    )
                 result.content = thought or None
                 result.tool_calls = calls
                 result.finish_reason = "tool_calls"
                 return
             await self.store.append(
-                session_id,
-                {"kind": "turn", "turn": turn, "mode": "kernel", "source": parsed.source, "thought": thought},
+                session_id, {**record, "mode": "kernel", "source": parsed.source, "thought": thought}
             )
-            live = await self.runtime.kernel(session_id, toolset)
-            state = await self._guarded(live.kernel.execute(parsed.source), session_id)
-            if await self._settle(session_id, toolset, turn, state, result, servers):
-                return
+            self.metrics.actions.labels("kernel").inc()
+            with span.child("action", input=parsed.source, metadata={"turn": turn}) as action:
+                live = await self.runtime.kernel(session_id, toolset)
+                state = await self._guarded(live.kernel.execute(parsed.source), session_id)
+                if await self._settle(session_id, toolset, turn, state, result, servers, action):
+                    return
             events = await self.store.events(session_id)
             observed = next((str(e["output"]) for e in reversed(events) if e.get("kind") == "cell_end"), "")
             block = f"```python\n{parsed.source}\n```"
@@ -386,8 +494,12 @@ class ActionLoop:
         state: Pending | Finished,
         result: LoopResult,
         servers: dict[str, ServerToolset],
+        action: Span,
     ) -> bool:
         """Drive a kernel cell until a client call (True: respond with it) or its end (False)."""
+        kernel_id = (
+            self.runtime.live[session_id].kernel.kernel_id if session_id in self.runtime.live else None
+        )
         while isinstance(state, Pending):
             request = state.request
             tool = toolset.by_name(request.tool)
@@ -397,6 +509,9 @@ class ActionLoop:
                     raise CallError(f"{request.tool} is not a tool of this request")
                 check_call(tool, [], request.arguments)
             except CallError as exc:  # the program gets a ToolError, the client is not asked
+                action.child(
+                    "tool", "tool", input={"name": request.tool, "arguments": request.arguments}
+                ).end(error=exc.message, metadata={"kind": "refused"})
                 state = await self._guarded(live.kernel.reply(error=exc.message), session_id)
                 continue
             events = await self.store.events(session_id)
@@ -413,10 +528,19 @@ class ActionLoop:
             server = servers.get(request.tool)
             if server is not None:  # the proxy answers it; recorded so a replay need not call again
                 recorded: Event = {"kind": "result", "call_id": call_id}
-                try:
-                    recorded["value"] = await server.call(request.tool, request.arguments)
-                except ToolCallFailed as exc:
-                    recorded["error"] = str(exc)
+                self.metrics.tool_calls.labels("server").inc()
+                with action.child(
+                    "tool",
+                    "tool",
+                    input={"name": request.tool, "arguments": request.arguments},
+                    metadata={"kind": "server", "toolset": server.name, "call_id": call_id},
+                ) as tool_span:
+                    try:
+                        recorded["value"] = await server.call(request.tool, request.arguments)
+                        tool_span.end(output=recorded["value"])
+                    except ToolCallFailed as exc:
+                        recorded["error"] = str(exc)
+                        tool_span.end(error=str(exc))
                 await self.store.append(session_id, {**call_event, "server": server.name}, recorded)
                 if "error" in recorded:
                     state = await self._guarded(live.kernel.reply(error=recorded["error"]), session_id)
@@ -426,10 +550,34 @@ class ActionLoop:
             arguments = orjson.dumps(request.arguments).decode()
             await self.store.append(session_id, call_event)
             self.runtime.live[session_id].waiting_call_id = call_id
+            self.metrics.tool_calls.labels("client").inc()
+            action.child("tool", "tool", input={"name": request.tool, "arguments": request.arguments}).end(
+                output={"sent_to_client": call_id}, metadata={"kind": "client", "path": "kernel"}
+            )
+            action.end(
+                output=f"waiting for the client's result of {request.tool} ({call_id})",
+                metadata={"kernel_id": kernel_id, "turn": turn},
+            )
             result.tool_calls = [ToolCallOut(call_id, request.tool, arguments)]
             result.finish_reason = "tool_calls"
             return True
-        await self.store.append(session_id, {"kind": "cell_end", "turn": turn, "output": state.output.text()})
+        output = state.output
+        await self.store.append(
+            session_id,
+            {
+                "kind": "cell_end",
+                "turn": turn,
+                "output": output.text(),
+                "error": output.error.ename if output.error else None,
+                "duration_ms": round(output.duration_ms, 3),
+                "kernel_id": kernel_id,
+            },
+        )
+        action.end(
+            output=output.text(),
+            metadata={"kernel_id": kernel_id, "turn": turn, "duration_ms": output.duration_ms},
+            error=f"{output.error.ename}: {output.error.evalue}" if output.error else None,
+        )
         return False
 
     async def _resume(
@@ -440,6 +588,7 @@ class ActionLoop:
         answers: list[Message],
         result: LoopResult,
         servers: dict[str, ServerToolset],
+        span: Span,
     ) -> bool:
         """Feed the client's answer to the waiting kernel call; True if the response is decided."""
         answered = {str(m.get("tool_call_id")): m for m in answers}
@@ -470,7 +619,15 @@ class ActionLoop:
             live = None
         if live is None:
             # this kernel is gone (crash, restart, another replica): replay the log onto a fresh one
-            live, state = await self.runtime.replay(session_id, toolset, await self.store.events(session_id))
+            with span.child("replay", metadata={"turn": turn}) as replay:
+                live, state = await self.runtime.replay(
+                    session_id, toolset, await self.store.events(session_id)
+                )
+                replay.end(metadata={"kernel_id": live.kernel.kernel_id})
         if state is None:
             return False
-        return await self._settle(session_id, toolset, turn, state, result, servers)
+        source = next(
+            (e.get("source") for e in events if e.get("kind") == "turn" and e.get("turn") == turn), None
+        )
+        with span.child("action", input=source, metadata={"turn": turn, "resumed": True}) as action:
+            return await self._settle(session_id, toolset, turn, state, result, servers, action)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +50,18 @@ def result_value(content: Any) -> Any:
 
 
 class Runtime:
-    def __init__(self, pool: KernelPool, store: SessionStore) -> None:
+    """``on_acquire_wait`` is told how long each session waited for a kernel (seconds)."""
+
+    def __init__(
+        self,
+        pool: KernelPool,
+        store: SessionStore,
+        on_acquire_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.store = store
         self.live: dict[str, LiveSession] = {}
+        self.on_acquire_wait = on_acquire_wait
 
     async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
         """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
@@ -78,13 +87,17 @@ class Runtime:
 
     async def _acquire(self, session_id: str) -> PooledKernel:
         """A kernel from the pool; while it is full, evict idle sessions' kernels to make room."""
-        deadline = time.monotonic() + self.pool.acquire_timeout
+        started = time.monotonic()
+        deadline = started + self.pool.acquire_timeout
         while True:
             if self.pool.stats().idle == 0 and self.pool.total >= self.pool.max_total:
                 await self._evict_one()
             remaining = deadline - time.monotonic()
             try:
-                return await self.pool.acquire(session_id, timeout=max(0.0, min(1.0, remaining)))
+                kernel = await self.pool.acquire(session_id, timeout=max(0.0, min(1.0, remaining)))
+                if self.on_acquire_wait is not None:
+                    self.on_acquire_wait(time.monotonic() - started)
+                return kernel
             except PoolExhausted:
                 if time.monotonic() >= deadline:
                     raise

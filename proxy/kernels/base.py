@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,7 @@ class KernelConnection(abc.ABC):
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.started_at = time.time()
 
     async def next_message(self, timeout: float) -> Message | None:
         """The next message from any channel (``msg["channel"]`` says which), or None."""

@@ -83,6 +83,16 @@ class PooledKernel:
             raise
 
 
+def _row(connection: KernelConnection, state: str, session_id: str | None) -> dict[str, Any]:
+    return {
+        "kernel_id": connection.kernel_id,
+        "state": state,
+        "session_id": session_id,
+        "pid": connection.pid(),
+        "started_at": connection.started_at,
+    }
+
+
 class KernelPool:
     def __init__(
         self,
@@ -154,6 +164,17 @@ class KernelPool:
         return PoolStats(
             len(self._idle), len(self._busy), self._starting, self._started_total, self._replaced_dead
         )
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every kernel with its state, for ``cablectl kernels ls`` (plain data, JSON-ready)."""
+        rows: list[dict[str, Any]] = []
+        for connection in self._idle:
+            rows.append(_row(connection, "idle", None))
+        for kernel in self._busy:
+            waiting = kernel.run is not None and kernel.run.waiting
+            rows.append(_row(kernel.connection, "waiting" if waiting else "busy", kernel.session_id))
+        rows.extend({"kernel_id": None, "state": "starting"} for _ in range(self._starting))
+        return rows
 
     @property
     def total(self) -> int:

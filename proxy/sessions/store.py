@@ -9,6 +9,9 @@ Two implementations of one ABC: ``RedisSessionStore`` (config ``redis_url``) and
 
     cablectl:s:<id>:log    LIST of JSON events (RPUSH), expires after the TTL
     cablectl:s:<id>:lock   the lock token (SET NX PX), expires by itself if its holder dies
+    cablectl:r:<replica>   JSON: that replica's kernels, refreshed every few seconds, with a TTL
+
+Every event is stamped with ``at`` (Unix time) when appended, unless it has one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class SessionBusy(CablectlError):
     retryable = True
 
 
+def _stamped(events: tuple[Event, ...]) -> list[Event]:
+    now = round(time.time(), 3)
+    return [e if "at" in e else {**e, "at": now} for e in events]
+
+
 class SessionStore(abc.ABC):
     def __init__(self, ttl: float = 3600.0, lock_ttl: float = 30.0) -> None:
         self.ttl = ttl
@@ -58,6 +66,18 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def ttl_left(self, session_id: str) -> float | None:
+        """Seconds until the session expires; None if it does not exist."""
+
+    @abc.abstractmethod
+    async def publish_replica(self, replica_id: str, info: dict[str, Any], ttl: float) -> None:
+        """Announce this replica and its kernels; the entry expires after ``ttl`` seconds."""
+
+    @abc.abstractmethod
+    async def replicas(self) -> list[dict[str, Any]]:
+        """What every live replica last announced."""
 
     @abc.abstractmethod
     async def _try_lock(self, session_id: str, token: str) -> bool: ...
@@ -98,6 +118,7 @@ class InMemorySessionStore(SessionStore):
         super().__init__(ttl, lock_ttl)
         self._logs: dict[str, tuple[float, list[Event]]] = {}
         self._locks: dict[str, tuple[float, str]] = {}
+        self._replicas: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def _live(self, session_id: str) -> list[Event] | None:
         entry = self._logs.get(session_id)
@@ -111,7 +132,7 @@ class InMemorySessionStore(SessionStore):
     async def append(self, session_id: str, *events: Event) -> int:
         log = self._live(session_id) or []
         # stored as JSON, as Redis does: callers get copies, never shared dicts
-        log.extend(orjson.loads(orjson.dumps(e)) for e in events)
+        log.extend(orjson.loads(orjson.dumps(e)) for e in _stamped(events))
         self._logs[session_id] = (time.monotonic() + self.ttl, log)
         return len(log)
 
@@ -123,6 +144,18 @@ class InMemorySessionStore(SessionStore):
 
     async def delete(self, session_id: str) -> None:
         self._logs.pop(session_id, None)
+
+    async def ttl_left(self, session_id: str) -> float | None:
+        if self._live(session_id) is None:
+            return None
+        return self._logs[session_id][0] - time.monotonic()
+
+    async def publish_replica(self, replica_id: str, info: dict[str, Any], ttl: float) -> None:
+        self._replicas[replica_id] = (time.monotonic() + ttl, orjson.loads(orjson.dumps(info)))
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [info for until, info in self._replicas.values() if until > now]
 
     async def _try_lock(self, session_id: str, token: str) -> bool:
         held = self._locks.get(session_id)
@@ -148,13 +181,19 @@ return 0
 
 class RedisSessionStore(SessionStore):
     def __init__(
-        self, url: str, ttl: float = 3600.0, lock_ttl: float = 30.0, prefix: str = "cablectl:s:"
+        self,
+        url: str,
+        ttl: float = 3600.0,
+        lock_ttl: float = 30.0,
+        prefix: str = "cablectl:s:",
+        replica_prefix: str = "cablectl:r:",
     ) -> None:
         super().__init__(ttl, lock_ttl)
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._prefix = prefix
+        self._replica_prefix = replica_prefix
         self._unlock_script = self._redis.register_script(_UNLOCK)
 
     def _log(self, session_id: str) -> str:
@@ -176,7 +215,7 @@ class RedisSessionStore(SessionStore):
     async def append(self, session_id: str, *events: Event) -> int:
         key = self._log(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(orjson.dumps(e) for e in events))
+            pipe.rpush(key, *(orjson.dumps(e) for e in _stamped(events)))
             pipe.pexpire(key, int(self.ttl * 1000))
             length, _ = await self._call(pipe.execute())
         return int(length)
@@ -194,6 +233,21 @@ class RedisSessionStore(SessionStore):
 
     async def delete(self, session_id: str) -> None:
         await self._call(self._redis.delete(self._log(session_id), self._lock_key(session_id)))
+
+    async def ttl_left(self, session_id: str) -> float | None:
+        ms = int(await self._call(self._redis.pttl(self._log(session_id))))
+        return None if ms < 0 else ms / 1000
+
+    async def publish_replica(self, replica_id: str, info: dict[str, Any], ttl: float) -> None:
+        key = f"{self._replica_prefix}{replica_id}"
+        await self._call(self._redis.set(key, orjson.dumps(info), px=int(ttl * 1000)))
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        keys = [k async for k in self._redis.scan_iter(match=f"{self._replica_prefix}*", count=500)]
+        if not keys:
+            return []
+        values = await self._call(self._redis.mget(keys))
+        return [orjson.loads(v) for v in values if v is not None]
 
     async def _try_lock(self, session_id: str, token: str) -> bool:
         ok = await self._call(
