@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -182,7 +182,22 @@ async def _sweep(runtime: Runtime, idle_seconds: float) -> None:
         await runtime.sweep(idle_seconds)
 
 
-def create_app(settings: Settings) -> FastAPI:
+Progress = Callable[[str, int, int], None]  # (what, done, total): startup steps, for the CLI
+
+
+async def _warm_up(pool: KernelPool, progress: Progress, timeout: float = 120.0) -> None:
+    """Report the pool filling to ``min_idle`` (at most ``timeout`` seconds)."""
+    want = pool.min_idle
+    deadline = time.monotonic() + timeout
+    while (ready := min(want, pool.stats().idle)) < want and time.monotonic() < deadline:
+        progress("warm kernel pool", ready, want)
+        await asyncio.sleep(0.1)
+    progress("warm kernel pool", min(want, pool.stats().idle), want)
+
+
+def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
+    """The app. ``progress``, if given, is told of model loads and the kernel pool's warm-up,
+    and startup waits for the pool to reach ``min_idle``."""
     router = ModelRouter(settings)
     keyring = KeyRing(settings.keys)
     body_limit = settings.server.max_request_body_bytes
@@ -214,11 +229,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await router.start()
+        await router.start(progress)
         for toolset in toolsets.values():
             await toolset.start()
             log.info("toolset %s: %d functions", toolset.name, len(toolset.tools))
         await pool.start()
+        if progress is not None:
+            await _warm_up(pool, progress)
+            progress("ready", 1, 1)
         sweeper = asyncio.create_task(_sweep(runtime, settings.kernels.session_idle_seconds))
         publisher = asyncio.create_task(_publish(store, replica_id, replica_snapshot))
         log.info("cablectl %s ready: models %s (config: %s)", __version__, router.names(), settings.source)

@@ -1,17 +1,37 @@
 """``cablectl``: the command line.
 
-cablectl serve [--config PATH] [--host H] [--port P]
+    cablectl serve [--config PATH] [--host H] [--port P]
+    cablectl sessions ls [--json]                 sessions in the store, newest activity first
+    cablectl sessions show ID                     a session's log as a tree
+    cablectl sessions export --jsonl [ID ...]     one JSON line per model turn (fine-tuning data)
+    cablectl kernels ls [--json]                  every replica's kernels
+    cablectl config check PATH                    validate a config, print the resolved routes
+
+The ``sessions`` and ``kernels`` commands read the session store named by the config
+(``sessions.redis_url``) or by ``--redis-url``; in-process sessions live inside one
+proxy process and cannot be read from outside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
 
 from proxy import __version__
-from proxy.errors import ConfigError
+from proxy.config import Settings, load_settings
+from proxy.errors import CablectlError, ConfigError
+from proxy.views import Node, export_turns, session_tree, summarize
 
 __all__ = ["main"]
 
@@ -22,13 +42,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cablectl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = "config.yaml (litellm model_list shape); default: $CABLECTL_CONFIG, else the embedded model"
+
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument(
-        "--config",
-        help="config.yaml (litellm model_list shape); default: $CABLECTL_CONFIG, else the embedded model",
-    )
+    serve.add_argument("--config", help=config_help)
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 4000)")
+
+    def store_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help=config_help)
+        p.add_argument("--redis-url", help="the session store (default: sessions.redis_url of the config)")
+
+    sessions = sub.add_parser("sessions", help="inspect sessions in the store").add_subparsers(
+        dest="action", required=True
+    )
+    ls = sessions.add_parser("ls", help="list sessions")
+    store_options(ls)
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = sessions.add_parser("show", help="one session's log as a tree")
+    store_options(show)
+    show.add_argument("session_id")
+    export = sessions.add_parser("export", help="model turns as JSON lines, for fine-tuning")
+    store_options(export)
+    export.add_argument("--jsonl", action="store_true", help="JSON lines (the only format; the default)")
+    export.add_argument("-o", "--output", help="write to this file instead of stdout")
+    export.add_argument("session_ids", nargs="*", help="sessions to export (default: all)")
+
+    kernels = sub.add_parser("kernels", help="inspect kernel pools").add_subparsers(
+        dest="action", required=True
+    )
+    kls = kernels.add_parser("ls", help="every replica's kernels")
+    store_options(kls)
+    kls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    config = sub.add_parser("config", help="work with config files").add_subparsers(
+        dest="action", required=True
+    )
+    check = config.add_parser("check", help="validate a config and print the resolved routes")
+    check.add_argument("path")
     return parser
 
 
@@ -40,11 +91,35 @@ def _configure_logging(level: str) -> None:
     )
 
 
+class _StartupProgress:
+    """Rich progress on stderr while the proxy loads its models and warms its kernel pool."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.tasks:
+            self.progress.start()
+        if what not in self.tasks:
+            self.tasks[what] = self.progress.add_task(what, total=total)
+        self.progress.update(self.tasks[what], completed=done, total=total)
+        if all(self.progress.tasks[t].finished for t in self.tasks.values()) and what == "ready":
+            self.progress.stop()
+
+
 def serve(config: str | None, host: str | None, port: int | None) -> int:
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.config import load_settings
 
     try:
         settings = load_settings(config, overrides={"host": host, "port": port})
@@ -53,7 +128,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> int:
         return 2
     _configure_logging(settings.server.log_level)
     try:
-        app = create_app(settings)
+        app = create_app(settings, progress=_StartupProgress(Console(stderr=True)))
     except ConfigError as exc:
         print(f"cablectl: {exc.message}", file=sys.stderr)
         return 2
@@ -68,11 +143,202 @@ def serve(config: str | None, host: str | None, port: int | None) -> int:
     return 0
 
 
+# --- sessions and kernels --------------------------------------------------------------------
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    if args.redis_url:
+        return str(args.redis_url)
+    settings: Settings = load_settings(args.config)
+    if not settings.sessions.redis_url:
+        raise ConfigError(
+            f"{settings.source} keeps sessions in-process (no sessions.redis_url), where only that proxy "
+            "can see them; set sessions.redis_url in the config, or pass --redis-url redis://host:6379/0"
+        )
+    return settings.sessions.redis_url
+
+
+async def _with_store(args: argparse.Namespace, work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    from proxy.sessions import RedisSessionStore
+
+    store = RedisSessionStore(_store_url(args))
+    try:
+        if not await store.ping():
+            raise ConfigError(
+                f"cannot reach the session store at {_store_url(args)}; is Redis running there?"
+            )
+        return await work(store)
+    finally:
+        await store.aclose()
+
+
+_SESSION_COLUMNS = (
+    "session_id",
+    "turns",
+    "tool_calls",
+    "events",
+    "model",
+    "last_mode",
+    "last_activity",
+    "expires_in",
+)
+_KERNEL_COLUMNS = ("replica", "kernel_id", "state", "session_id", "pid", "age")
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column.replace("_", " "), no_wrap=column.endswith("_id"))
+    for row in rows:
+        table.add_row(*("-" if row.get(c) is None else str(row[c]) for c in columns))
+    return table
+
+
+def _tree(node: Node, into: Tree | None = None) -> Tree:
+    tree = Tree(node.label) if into is None else into.add(node.label)
+    for child in node.children:
+        _tree(child, tree)
+    return tree
+
+
+async def _sessions_ls(store: Any, out: Console, as_json: bool) -> int:
+    rows = []
+    for sid in await store.sessions():
+        events = await store.events(sid)
+        if events:
+            rows.append((max((float(e.get("at", 0)) for e in events), default=0.0), sid, events))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    summaries = [summarize(sid, events, await store.ttl_left(sid)) for _, sid, events in rows]
+    if as_json:
+        for summary in summaries:
+            out.print_json(orjson.dumps(summary).decode(), indent=None)
+        return 0
+    out.print(_table(f"{len(summaries)} session(s)", _SESSION_COLUMNS, summaries))
+    return 0
+
+
+async def _sessions_show(store: Any, out: Console, session_id: str) -> int:
+    events = await store.events(session_id)
+    if not events:
+        out.print(
+            f"[red]no session {session_id!r} in the store[/red] (expired, or never created); "
+            "list them with 'cablectl sessions ls'"
+        )
+        return 1
+    out.print(_tree(session_tree(session_id, events)))
+    return 0
+
+
+async def _export_lines(store: Any, ids: list[str]) -> tuple[list[bytes], int]:
+    ids = ids or await store.sessions()
+    lines = [
+        orjson.dumps(record) + b"\n" for sid in ids for record in export_turns(sid, await store.events(sid))
+    ]
+    return lines, len(ids)
+
+
+def _sessions_export(args: argparse.Namespace) -> int:
+    result: list[tuple[list[bytes], int]] = []
+
+    async def collect(store: Any) -> int:
+        result.append(await _export_lines(store, args.session_ids))
+        return 0
+
+    asyncio.run(_with_store(args, collect))
+    lines, sessions = result[0]
+    if args.output:
+        with open(args.output, "wb") as sink:
+            sink.writelines(lines)
+    else:
+        sys.stdout.buffer.writelines(lines)
+        sys.stdout.buffer.flush()
+    print(f"exported {len(lines)} turn(s) from {sessions} session(s)", file=sys.stderr)
+    return 0
+
+
+def _age(started_at: Any) -> str:
+    if not isinstance(started_at, int | float):
+        return "-"
+    return f"{max(0.0, time.time() - started_at):.0f}s"
+
+
+async def _kernels_ls(store: Any, out: Console, as_json: bool) -> int:
+    rows = []
+    for replica in sorted(await store.replicas(), key=lambda r: str(r.get("replica"))):
+        if replica.get("stopping"):
+            continue
+        for kernel in replica.get("kernels", []):
+            rows.append({"replica": replica.get("replica"), **kernel, "age": _age(kernel.get("started_at"))})
+    if as_json:
+        for row in rows:
+            out.print_json(orjson.dumps(row).decode(), indent=None)
+        return 0
+    out.print(_table(f"{len(rows)} kernel(s)", _KERNEL_COLUMNS, rows))
+    return 0
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def _config_check(path: str, out: Console) -> int:
+    settings = load_settings(path)
+    table = Table(title=f"{settings.source}: {len(settings.model_list)} route(s)")
+    for column in (
+        "model",
+        "upstream",
+        "transport",
+        "where",
+        "code actions",
+        "grammar",
+        "toolsets",
+        "fallbacks",
+    ):
+        table.add_column(column)
+    for entry in settings.model_list:
+        params = entry.litellm_params
+        table.add_row(
+            entry.model_name,
+            params.model,
+            entry.resolved_transport,
+            params.api_base or params.model_path or "-",
+            "on" if entry.code_actions else "off",
+            entry.grammar_mode if entry.code_actions else "-",
+            ", ".join(entry.toolsets) or "-",
+            ", ".join(settings.router_settings.fallbacks_for(entry.model_name)) or "-",
+        )
+    out.print(table)
+    sessions = settings.sessions.redis_url or "in-process"
+    kernels = settings.kernels.gateway_url or "local processes"
+    tracing = "Langfuse at " + settings.tracing.langfuse.host if settings.tracing.langfuse else "off"
+    out.print(
+        f"sessions: {sessions} · kernels: {kernels} (max {settings.kernels.max_total}) · "
+        f"keys: {len(settings.keys)} · tracing: {tracing}"
+    )
+    out.print("[green]config OK[/green]")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args.config, args.host, args.port)
-    return 2  # pragma: no cover - argparse enforces the subcommand
+    # piped output gets wide tables instead of 80 columns of ellipses
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    try:
+        if args.command == "serve":
+            return serve(args.config, args.host, args.port)
+        if args.command == "config":
+            return _config_check(args.path, out)
+        if args.command == "sessions" and args.action == "ls":
+            return asyncio.run(_with_store(args, lambda s: _sessions_ls(s, out, args.json)))
+        if args.command == "sessions" and args.action == "show":
+            return asyncio.run(_with_store(args, lambda s: _sessions_show(s, out, args.session_id)))
+        if args.command == "sessions" and args.action == "export":
+            return _sessions_export(args)
+        if args.command == "kernels":
+            return asyncio.run(_with_store(args, lambda s: _kernels_ls(s, out, args.json)))
+    except CablectlError as exc:
+        print(f"cablectl: {exc.message}", file=sys.stderr)
+        return 2
+    return 2  # pragma: no cover - argparse enforces the subcommands
 
 
 if __name__ == "__main__":  # pragma: no cover

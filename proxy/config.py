@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_errors import describe
 from proxy.errors import ConfigError
 
 __all__ = [
@@ -323,28 +324,29 @@ def resolve_env_refs(value: Any, env: Mapping[str, str], where: str = "") -> Any
     return value
 
 
-def _format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
-    lines = [f"{source} is not a valid cablectl config:"]
-    for err in exc.errors():
-        loc = prefix + ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check --config") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read config file {path}: {reason}; check --config") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or exc
+        raise ConfigError(
+            f"{where}: not valid YAML ({problem})\n    fix: check the indentation and quoting on that line"
+        ) from exc
     if data is None:
-        return {}
+        return {}, text
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with model_list, router_settings, keys")
-    return data
+        raise ConfigError(
+            f"{path}:1: the file must hold a mapping\n    fix: start it with 'model_list:' (and "
+            "optionally router_settings, keys, server, sessions, kernels, toolsets, tracing)"
+        )
+    return data, text
 
 
 def load_settings(
@@ -356,8 +358,9 @@ def load_settings(
     """Build the one ``Settings`` object. ``overrides`` are CLI flags for ``server:``."""
     environ: Mapping[str, str] = os.environ if env is None else env
     path = config_path or environ.get("CABLECTL_CONFIG")
+    text: str | None = None
     if path:
-        raw = _read_yaml(Path(path))
+        raw, text = _read_yaml(Path(path))
         source = str(path)
     else:
         raw = DEFAULT_CONFIG
@@ -366,19 +369,26 @@ def load_settings(
     raw = _langfuse_from_env(raw, environ)
     if "model_list" not in raw:
         raw = {**raw, "model_list": DEFAULT_CONFIG["model_list"]}
-    server_raw = dict(raw.get("server") or {})
+    server_raw = raw.get("server") or {}
+    problems: list[str] = []
     try:
+        if not isinstance(server_raw, dict):
+            server_raw = {"_": server_raw}  # validation names the problem
         server = ServerSettings(**server_raw) if env is None else _server_from(server_raw, environ)
         if overrides:
             server = ServerSettings.model_validate(
                 {**server.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
             )
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source, prefix="server.")) from exc
+        problems.append(describe(exc, text, source, [Settings], prefix=("server",)))
+        server = ServerSettings.model_construct()  # so the rest is checked too
     try:
         settings = Settings.model_validate({**raw, "server": server, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from exc
+        problems.append(describe(exc, text, source, [Settings]))
+    if problems:
+        header = f"{source} is not a valid cablectl config:"
+        raise ConfigError("\n".join([header, *(p.split("\n", 1)[1] for p in problems)]))
     return settings
 
 

@@ -58,10 +58,15 @@ class ModelRouter:
                 backend = DirectBackend(entry, self._pool, rs.timeout)
             self.backends[entry.model_name] = backend
 
-    async def start(self) -> None:
+    async def start(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Start every backend (local models load here); ``progress`` hears (what, done, total)."""
         await self._pool.start()
-        for backend in self.backends.values():
+        for i, backend in enumerate(self.backends.values()):
+            if progress is not None:
+                progress("load models", i, len(self.backends))
             await backend.start()
+        if progress is not None:
+            progress("load models", len(self.backends), len(self.backends))
 
     async def aclose(self) -> None:
         for backend in self.backends.values():

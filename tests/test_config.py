@@ -58,7 +58,7 @@ def test_missing_env_reference_names_variable_and_place() -> None:
         ),
         pytest.param(
             {"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}, "tranport": "x"}]},
-            "model_list.0.tranport",
+            "model_list[0].tranport: Extra inputs are not permitted\n    fix: did you mean 'transport'?",
             id="typo-in-entry",
         ),
         pytest.param({"model_list": [{"model_name": "a"}]}, "litellm_params", id="missing-params"),
@@ -68,7 +68,7 @@ def test_missing_env_reference_names_variable_and_place() -> None:
                 "model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}],
                 "keys": [{"id": "k", "key": "short"}],
             },
-            "keys.0.key",
+            "keys[0].key",
             id="short-key",
         ),
         pytest.param(
@@ -98,6 +98,40 @@ def test_yaml_errors(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_settings(listy, env={})
+
+
+BAD_CONFIG = """\
+model_list:
+  - model_name: a
+    litellm_params:
+      model: openai/x
+    grammar: gbfn
+    max_step: 3
+server:
+  port: abc
+kernels:
+  max_total: 0
+"""
+
+
+def test_every_problem_names_its_line_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(BAD_CONFIG)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.message.splitlines()[1:] == [
+        f"  {path}:8: server.port: Input should be a valid integer, unable to parse string as an integer",
+        "    fix: write a number (no quotes, no units)",
+        f"  {path}:5: model_list[0].grammar: Input should be 'auto', 'gbnf', 'lark' or 'none'",
+        "    fix: use one of 'auto', 'gbnf', 'lark' or 'none'",
+        f"  {path}:6: model_list[0].max_step: Extra inputs are not permitted",
+        "    fix: did you mean 'max_steps'? remove or rename 'max_step' (this section does not take it)",
+        f"  {path}:10: kernels.max_total: Input should be greater than or equal to 1",
+        "    fix: change the value: it should be greater than or equal to 1",
+    ]
+    path.write_text("model_list:\n  - model_name: a\n   bad: [\n")
+    with pytest.raises(ConfigError, match=f"{path}:3: not valid YAML"):
+        load_settings(path, env={})
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
