@@ -173,7 +173,13 @@ class KernelPool:
         for kernel in self._busy:
             waiting = kernel.run is not None and kernel.run.waiting
             rows.append(_row(kernel.connection, "waiting" if waiting else "busy", kernel.session_id))
-        starting = {"kernel_id": None, "state": "starting", "session_id": None, "pid": None, "started_at": None}
+        starting = {
+            "kernel_id": None,
+            "state": "starting",
+            "session_id": None,
+            "pid": None,
+            "started_at": None,
+        }
         rows.extend(dict(starting) for _ in range(self._starting))
         return rows
 
