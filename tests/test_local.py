@@ -253,6 +253,8 @@ def test_cablectl_serve_command() -> None:
     assert proc.returncode in (0, -15), output
     assert "Finished server process" in output
     assert "loaded model local from" in output
+    # rich progress on stderr for the model load and the kernel pool's warm-up
+    assert "load models" in output and "warm kernel pool" in output and "1/1" in output
     assert '"path":"/v1/chat/completions"' in output and '"status":200' in output
 
 
