@@ -204,8 +204,11 @@ def test_readme_config_reference_is_a_valid_config(tmp_path: Path) -> None:
         "CI_BOT_KEY": "sk-ci-bot-key",
         "PETSTORE_KEY": "k",
         "CABLECTL_SESSION_SECRET": "s" * 32,
+        "LANGFUSE_PUBLIC_KEY": "pk-lf",
+        "LANGFUSE_SECRET_KEY": "sk-lf",
     }
     settings = load_settings(path, env=env)
+    assert settings.tracing.langfuse is not None and settings.tracing.langfuse.secret_key == "sk-lf"
     assert [m.model_name for m in settings.model_list] == ["local", "gpt-4o-mini"]
     assert set(settings.toolsets) == {"petstore", "time"} and settings.keys[0].toolsets == ["time"]
     assert settings.kernels.max_total == 8 and settings.sessions.redis_url
