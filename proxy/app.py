@@ -33,10 +33,10 @@ from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
 from proxy.config import Settings
-from proxy.errors import CablectlError, InvalidRequest, PermissionDenied, RequestTooLarge
+from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionDenied, RequestTooLarge
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
-from proxy.kernels.local import LocalKernelProvider, ResourceLimits
+from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
@@ -50,7 +50,9 @@ log = logging.getLogger("cablectl.app")
 
 
 def error_response(exc: CablectlError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.http_status)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
 
 
 def _openai_error(
@@ -144,6 +146,23 @@ def _session_store(settings: Settings) -> SessionStore:
     return InMemorySessionStore(ttl=cfg.ttl_seconds)
 
 
+def _isolate_network(mode: str) -> bool:
+    if mode == "host":
+        return False
+    if can_isolate_network():
+        return True
+    if mode == "isolated":
+        raise ConfigError(
+            "kernels.network is 'isolated', but this host cannot give kernels a network namespace "
+            "(run cablectl as root, or enable unprivileged user namespaces); or set kernels.network: auto"
+        )
+    log.warning(
+        "kernels share the host's network: this host allows no network namespaces (run as root or "
+        "enable unprivileged user namespaces); programs can reach anything the proxy can"
+    )
+    return False
+
+
 def _kernel_pool(settings: Settings) -> KernelPool:
     cfg = settings.kernels
     provider: KernelProvider
@@ -151,7 +170,8 @@ def _kernel_pool(settings: Settings) -> KernelPool:
         provider = GatewayKernelProvider(cfg.gateway_url, auth_token=cfg.gateway_token)
     else:
         provider = LocalKernelProvider(
-            limits=ResourceLimits(memory_bytes=cfg.memory_mb * 1024 * 1024, cpu_seconds=cfg.cpu_seconds)
+            limits=ResourceLimits(memory_bytes=cfg.memory_mb * 1024 * 1024, cpu_seconds=cfg.cpu_seconds),
+            network=not _isolate_network(cfg.network),
         )
     return KernelPool(
         provider,
@@ -199,7 +219,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     """The app. ``progress``, if given, is told of model loads and the kernel pool's warm-up,
     and startup waits for the pool to reach ``min_idle``."""
     router = ModelRouter(settings)
-    keyring = KeyRing(settings.keys)
+    keyring = KeyRing(settings.keys, settings.server.auth_failures_per_minute)
     body_limit = settings.server.max_request_body_bytes
     store = _session_store(settings)
     if settings.sessions.secret is None and settings.sessions.redis_url:
@@ -316,7 +336,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         )
 
     def principal_for(request: Request) -> Principal:
-        principal = keyring.authenticate(request.headers)
+        principal = keyring.authenticate(request.headers, request.client.host if request.client else "-")
         record: RequestRecord = request.state.record
         record.key_id = principal.key_id
         return principal

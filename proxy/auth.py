@@ -3,18 +3,28 @@
 With no ``keys:`` in config the proxy is open (local use) and every caller is the
 anonymous principal. Keys are compared in constant time, against every
 configured key, so timing says nothing about which key was close.
+
+Guessing is rate limited: a client (by address) that sends more than
+``failures_per_minute`` wrong keys within a minute gets 429 with ``Retry-After``
+for every request until its oldest failure is a minute old, right key or not.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from proxy.config import KeyEntry
-from proxy.errors import AuthenticationFailed, PermissionDenied
+from proxy.errors import AuthenticationFailed, AuthRateLimited, PermissionDenied
 
-__all__ = ["ANONYMOUS", "KeyRing", "Principal"]
+__all__ = ["ANONYMOUS", "FailureWindow", "KeyRing", "Principal"]
+
+WINDOW_SECONDS = 60.0
+MAX_TRACKED_CLIENTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +53,54 @@ class Principal:
 ANONYMOUS = Principal(key_id="anonymous")
 
 
+class FailureWindow:
+    """Wrong-key times per client over the last minute; bounded in clients and in entries."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def _recent(self, client: str, now: float) -> collections.deque[float] | None:
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - WINDOW_SECONDS:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+    def check(self, client: str) -> None:
+        if self.limit <= 0:
+            return
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if times is not None and len(times) >= self.limit:
+            wait = max(1, math.ceil(times[0] + WINDOW_SECONDS - now))
+            raise AuthRateLimited(
+                f"Too many wrong API keys from this client ({len(times)} in the last minute); "
+                f"wait {wait} s before trying again, with the right key.",
+                retry_after=wait,
+            )
+
+    def record(self, client: str) -> None:
+        if self.limit <= 0:
+            return
+        now = time.monotonic()
+        times = self._recent(client, now) or collections.deque(maxlen=self.limit)
+        times.append(now)
+        self._failures[client] = times
+        self._failures.move_to_end(client)
+        while len(self._failures) > MAX_TRACKED_CLIENTS:
+            self._failures.popitem(last=False)
+
+
 class KeyRing:
     """Resolves the ``Authorization`` header to a ``Principal``."""
 
-    def __init__(self, keys: Sequence[KeyEntry]) -> None:
+    def __init__(self, keys: Sequence[KeyEntry], failures_per_minute: int = 10) -> None:
+        self.failures = FailureWindow(failures_per_minute)
         self._keys = [
             (
                 entry.key.encode(),
@@ -63,9 +117,10 @@ class KeyRing:
     def open(self) -> bool:
         return not self._keys
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: Mapping[str, str], client: str = "-") -> Principal:
         if not self._keys:
             return ANONYMOUS
+        self.failures.check(client)
         presented = _presented_key(headers)
         if presented is None:
             raise AuthenticationFailed(
@@ -79,6 +134,7 @@ class KeyRing:
             if hmac.compare_digest(key, candidate):
                 found = principal
         if found is None:
+            self.failures.record(client)
             raise AuthenticationFailed(
                 "Incorrect API key provided. Check the key, or ask the operator for one "
                 "listed under 'keys:' in the proxy's config.yaml."

@@ -4,7 +4,8 @@ Sources, highest precedence first:
 
 1. ``cablectl serve`` flags (``--host``, ``--port``, ``--config``);
 2. environment variables ``CABLECTL_*`` (``CABLECTL_CONFIG``, ``CABLECTL_HOST``,
-   ``CABLECTL_PORT``, ``CABLECTL_MAX_REQUEST_BODY_BYTES``, ``CABLECTL_LOG_LEVEL``);
+   ``CABLECTL_PORT``, ``CABLECTL_MAX_REQUEST_BODY_BYTES``, ``CABLECTL_LOG_LEVEL``,
+   ``CABLECTL_AUTH_FAILURES_PER_MINUTE``);
 3. the ``server:`` section of ``config.yaml``;
 4. defaults.
 
@@ -171,6 +172,8 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=4000, ge=0, le=65535)
     max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # wrong API keys one client may send per minute before it gets 429 (0: no limit)
+    auth_failures_per_minute: int = Field(default=10, ge=0)
 
     @classmethod
     def settings_customise_sources(
@@ -243,6 +246,9 @@ class KernelSettings(BaseModel):
     session_idle_seconds: float = Field(default=300.0, gt=0)  # then a session's kernel goes back
     memory_mb: int = Field(default=0, ge=0)  # 0: no limit
     cpu_seconds: int = Field(default=0, ge=0)
+    # local kernels' network: auto = a network namespace of their own where the host allows
+    # it (root or user namespaces), else the host's; isolated = that or refuse to start; host
+    network: Literal["auto", "isolated", "host"] = "auto"
     gateway_url: str | None = None  # Jupyter Enterprise/Kernel Gateway instead of local processes
     gateway_token: str | None = None
 

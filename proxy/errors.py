@@ -10,6 +10,7 @@ body ``{"error": {"message", "type", "param", "code"}}``.
     ├── InvalidRequest                 400 invalid_request_error
     │   └── UpstreamRejected           4xx the upstream refused the request itself
     ├── AuthenticationFailed           401 authentication_error / invalid_api_key
+    ├── AuthRateLimited                429 rate_limit_error / too_many_auth_failures (Retry-After)
     ├── PermissionDenied               403 permission_error / model_not_allowed
     ├── ModelNotFound                  404 invalid_request_error / model_not_found
     ├── RequestTooLarge                413 invalid_request_error / request_too_large
@@ -27,6 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuthRateLimited",
     "AuthenticationFailed",
     "CablectlError",
     "ConfigError",
@@ -118,6 +120,19 @@ class AuthenticationFailed(CablectlError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class AuthRateLimited(CablectlError):
+    """Too many wrong API keys from one client: it must wait before trying again."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_auth_failures"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermissionDenied(CablectlError):

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LockEntry", "REPO", "direct_pins", "parse_lock", "pins_digest"]
+__all__ = ["REPO", "LockEntry", "direct_pins", "parse_lock", "pins_digest"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXTRAS = ("test", "dev")  # what the README's test command installs
@@ -40,7 +40,9 @@ def _normalize(name: str) -> str:
 def parse_lock(text: str) -> list[LockEntry]:
     entries: list[LockEntry] = []
     for line in text.splitlines():
-        requirement = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
+        requirement = re.match(
+            r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line
+        )
         if requirement:
             name, version, marker = requirement.groups()
             entries.append(LockEntry(_normalize(name), version, marker))

@@ -52,7 +52,9 @@ def test_every_direct_pin_is_locked_at_its_version(entries: list[LockEntry]) -> 
 def test_every_entry_is_hashed_and_none_is_known_bad(entries: list[LockEntry]) -> None:
     for entry in entries:
         assert entry.hashes, f"{entry.name}=={entry.version} has no hash"
-        assert entry.version not in MALICIOUS.get(entry.name, set()), f"{entry.name} {entry.version} is malicious"
+        assert entry.version not in MALICIOUS.get(entry.name, set()), (
+            f"{entry.name} {entry.version} is malicious"
+        )
 
 
 def test_the_no_deps_extra_is_hashed_too() -> None:

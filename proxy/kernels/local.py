@@ -7,6 +7,15 @@
 - Its own working directory per kernel (a kernel serves one session, then is discarded).
 - Optional resource limits (address space, CPU seconds, open files), applied by a
   tiny launcher before it execs ipykernel.
+- Kernels run as the proxy's user, so the proxy marks itself non-dumpable: its
+  ``/proc/<pid>/environ`` and memory are then closed to its own user's other processes
+  (root can still read them). The ``work/`` directory is write+search only (0300):
+  a kernel cannot list it to find another live kernel's directory (root can).
+- No network: the launcher moves the kernel into a network namespace of its own (only a
+  loopback that is down), so a program cannot reach Redis, the proxy, the cloud metadata
+  address or anything else. IPC sockets are files and still work. This needs root or
+  unprivileged user namespaces; ``network="auto"`` falls back to the host's network
+  (with a warning) where neither exists, ``"isolated"`` refuses to start instead.
 
 Local processes share the host's kernel, users and network: see the README's
 "Kernel isolation" section for what that cannot prevent, and gVisor/containers.
@@ -31,21 +40,47 @@ from jupyter_client.manager import AsyncKernelManager
 
 from proxy.kernels.base import KernelConnection, KernelProvider, Message
 
-__all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits"]
+__all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits", "can_isolate_network"]
 
 log = logging.getLogger("cablectl.kernels")
 
 SPEC_NAME = "cablectl-python"
 
+# Leaves the host's network: a new network namespace (as root), else a user namespace mapping
+# this uid to itself plus a network namespace. Exit status 3 if neither is possible.
+_UNSHARE_NET = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.unshare(0x40000000) != 0:\n"
+    "    uid, gid = os.getuid(), os.getgid()\n"
+    "    if libc.unshare(0x10000000 | 0x40000000) != 0: sys.exit(3)\n"
+    "    open('/proc/self/setgroups', 'w').write('deny')\n"
+    "    open('/proc/self/uid_map', 'w').write(f'{uid} {uid} 1')\n"
+    "    open('/proc/self/gid_map', 'w').write(f'{gid} {gid} 1')\n"
+)
 # Applies rlimits, then becomes ipykernel. Runs with the scrubbed env, so it imports nothing of ours.
 _LAUNCHER = (
     "import os, resource, sys\n"
-    "mem, cpu, files = (int(x) for x in sys.argv[1:4])\n"
+    "mem, cpu, files, nonet = (int(x) for x in sys.argv[1:5])\n"
+    "if nonet: exec(" + repr(_UNSHARE_NET) + ")\n"
     "if mem: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
     "if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))\n"
     "if files: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'ipykernel_launcher', *sys.argv[4:]])\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'ipykernel_launcher', *sys.argv[5:]])\n"
 )
+
+
+def can_isolate_network() -> bool:
+    """Whether this host lets a child process leave the host's network (probed once)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _UNSHARE_NET], env={}, capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 class ResourceLimits:
@@ -139,7 +174,9 @@ class LocalKernelProvider(KernelProvider):
         limits: ResourceLimits | None = None,
         startup_timeout: float = 60.0,
         extra_env: dict[str, str] | None = None,
+        network: bool = True,
     ) -> None:
+        """``network=False``: kernels get a network namespace of their own (see the module doc)."""
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +194,7 @@ class LocalKernelProvider(KernelProvider):
             str(self.limits.memory_bytes),
             str(self.limits.cpu_seconds),
             str(self.limits.open_files),
+            "0" if network else "1",
             "-f",
             "{connection_file}",
         ]
@@ -172,6 +210,22 @@ class LocalKernelProvider(KernelProvider):
         )
         self._spec_manager = KernelSpecManager(kernel_dirs=[str(self._specs)])
         self.started_pids: list[int] = []  # every kernel process this provider launched
+        self.network = network
+        self._work = self.root / "work"
+        self._work.mkdir(exist_ok=True)
+        os.chmod(self._work, 0o300)  # write + search, no listing
+        self._hide_proxy_process()
+
+    @staticmethod
+    def _hide_proxy_process() -> None:
+        """PR_SET_DUMPABLE 0: same-user processes (our kernels) cannot read /proc/<proxy>/environ."""
+        if sys.platform != "linux":
+            return
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+            log.warning("could not mark the proxy non-dumpable (errno %d)", ctypes.get_errno())
 
     def kernel_env(self, workdir: Path) -> dict[str, str]:
         """The whole environment of a kernel: built from nothing, never copied from the proxy."""
@@ -192,8 +246,8 @@ class LocalKernelProvider(KernelProvider):
 
     async def start_kernel(self) -> LocalKernel:
         kernel_id = uuid.uuid4().hex
-        workdir = self.root / "work" / kernel_id
-        workdir.mkdir(parents=True, mode=0o700)
+        workdir = self._work / kernel_id
+        workdir.mkdir(mode=0o700)
         runtime = self.root / "run"
         runtime.mkdir(exist_ok=True, mode=0o700)
         manager = AsyncKernelManager(
@@ -223,4 +277,6 @@ class LocalKernelProvider(KernelProvider):
 
     async def aclose(self) -> None:
         if self._own_root:
+            with contextlib.suppress(OSError):
+                os.chmod(self._work, 0o700)  # listable again, so it can be removed
             shutil.rmtree(self.root, ignore_errors=True)
