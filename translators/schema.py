@@ -18,6 +18,7 @@ from translators.errors import ToolsetError
 from translators.names import RESERVED
 
 __all__ = [
+    "KNOWN_TYPES",
     "Refs",
     "TypeRenderer",
     "TypedDictDecl",
@@ -26,6 +27,7 @@ __all__ = [
     "merge_all_of",
     "schema_types",
     "split_union",
+    "unknown_types",
 ]
 
 Schema = dict[str, Any]
@@ -47,6 +49,36 @@ _ALIASES = {
     "list": "array",
 }
 MAX_DEPTH = 64
+# JSON Schema's types, the aliases above, and BFCL's "tuple" and "any"
+KNOWN_TYPES = frozenset(
+    {"string", "number", "integer", "boolean", "object", "array", "null", "tuple", "any", *_ALIASES}
+)
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not")
+
+
+def unknown_types(schema: Any) -> list[tuple[str, str]]:
+    """(path, type) for every ``type`` in the schema's subschemas that no JSON Schema knows."""
+    found: list[tuple[str, str]] = []
+    todo: list[tuple[str, Any]] = [("", schema)]
+    while todo:
+        path, node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        raw = node.get("type")
+        for name in raw if isinstance(raw, list) else [raw] if raw is not None else []:
+            if not isinstance(name, str) or name.lower() not in KNOWN_TYPES:  # BFCL writes "String"
+                found.append((path or "(root)", str(name)))
+        for key in _SCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                todo += [(f"{path}.{key}.{k}".lstrip("."), v) for k, v in node[key].items()]
+        for key in _SCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                todo += [(f"{path}.{key}[{i}]".lstrip("."), v) for i, v in enumerate(node[key])]
+        for key in _SCHEMA_ONE:
+            todo.append((f"{path}.{key}".lstrip("."), node.get(key)))
+    return sorted(found)
 
 
 class Refs:

@@ -18,7 +18,7 @@ import orjson
 
 from translators.errors import ToolsetError
 from translators.names import NameMap
-from translators.schema import MAX_DEPTH, Refs, check_value, merge_all_of, schema_types
+from translators.schema import MAX_DEPTH, Refs, check_value, merge_all_of, schema_types, unknown_types
 
 __all__ = ["MAX_TOOLS", "Param", "Tool", "Toolset", "ToolsetCache", "tools_digest"]
 
@@ -104,6 +104,14 @@ def _json_default(schema: dict[str, Any], refs: Refs) -> Any:
 
 
 def _params(fn: str, parameters: dict[str, Any], where: str, refs: Refs) -> tuple[Param, ...]:
+    bad = unknown_types(parameters)
+    if bad:
+        at, name = bad[0]
+        raise ToolsetError(
+            f"{fn}: {at} has type {name!r}, which JSON Schema does not have; use one of "
+            "string, number, integer, boolean, object, array, null",
+            param=f"{where}.parameters",
+        )
     if "allOf" in parameters:
         parameters = merge_all_of(parameters, refs)
     types = schema_types(parameters)
