@@ -1,0 +1,77 @@
+"""schemathesis against the proxy's own OpenAPI schema, bounded: no generated input (valid or
+not) gives a server error, and every 4xx is an OpenAI error body.
+
+schemathesis' pytest plugin does not run under this pytest, so each operation's case
+strategy drives a plain hypothesis test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+
+from tests.conftest import ProxyFactory, upstream_models
+from tests.servers import UvicornThread
+from tests.upstream import Reply, ScriptedUpstream, canned_completion
+
+EXAMPLES = 60  # per operation and generation mode; derandomized, so CI runs the same cases
+
+
+@pytest.fixture(scope="module")
+def fuzzed_proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
+    return make_proxy(
+        {"model_list": upstream_models(upstream_url), "kernels": {"min_idle": 0, "max_total": 2}}
+    )
+
+
+def openai_error_body(ctx: Any, response: Any, case: Any) -> None:
+    """A refused request carries {"error": {message, type, param, code}}."""
+    if 400 <= response.status_code < 500:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+
+
+def operations(url: str) -> list[Any]:
+    document = httpx.get(url + "/openapi.json").json()
+    # valid cases name real routes, so they reach the action loop and the upstream too
+    request = document["components"]["schemas"]["ChatCompletionRequest"]
+    request["properties"]["model"] = {"type": "string", "enum": ["gpt-4o-mini", "plain-tools"]}
+    return [result.ok() for result in schemathesis.openapi.from_dict(document).get_all_operations()]
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_no_input_gives_a_server_error(
+    fuzzed_proxy: UvicornThread, upstream: ScriptedUpstream, mode: str
+) -> None:
+    upstream.plan(*[Reply(json=canned_completion("scripted", "All done."))] * 1000)
+    ops = operations(fuzzed_proxy.url)
+    assert {op.label for op in ops} >= {"POST /v1/chat/completions", "GET /v1/models", "GET /metrics"}
+    statuses: dict[str, set[int]] = {}
+    for op in ops:
+        strategy = op.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+
+        @given(case=strategy)
+        @settings(
+            max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
+        def exercise(case: Any) -> None:
+            response = case.call_and_validate(
+                base_url=fuzzed_proxy.url,
+                checks=[not_a_server_error],
+                additional_checks=[openai_error_body],
+                timeout=30,
+            )
+            statuses.setdefault(op.label, set()).add(response.status_code)
+
+        try:
+            exercise()
+        except Unsatisfiable:  # nothing invalid can be sent to an operation without inputs
+            assert mode == "negative" and not op.body and not op.query, op.label
+    assert "POST /v1/chat/completions" in statuses, statuses
+    assert all(code < 500 for codes in statuses.values() for code in codes), statuses
+    assert httpx.get(fuzzed_proxy.url + "/health").status_code == 200
