@@ -66,7 +66,7 @@ def test_no_input_gives_a_server_error(
                 additional_checks=[openai_error_body],
                 timeout=30,
             )
-            statuses.setdefault(op.label, set()).add(response.status_code)
+            statuses.setdefault(case.operation.label, set()).add(response.status_code)
 
         try:
             exercise()
