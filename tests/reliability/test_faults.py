@@ -141,8 +141,21 @@ class PersistentRedis:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is needed (apt-get install redis-server)"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-            + ["--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
