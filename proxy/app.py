@@ -196,10 +196,13 @@ async def _publish(store: SessionStore, replica_id: str, snapshot: Any) -> None:
 
 
 async def _sweep(runtime: Runtime, idle_seconds: float) -> None:
-    """Give back the kernels of sessions idle longer than ``idle_seconds``; their logs stay."""
+    """Give back the kernels of sessions idle longer than ``idle_seconds`` (their logs stay),
+    and drop expired sessions from an in-process store."""
     while True:
         await asyncio.sleep(min(30.0, idle_seconds / 2))
         await runtime.sweep(idle_seconds)
+        with contextlib.suppress(CablectlError):
+            await runtime.store.purge_expired()
 
 
 Progress = Callable[[str, int, int], None]  # (what, done, total): startup steps, for the CLI

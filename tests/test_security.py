@@ -20,7 +20,7 @@ from proxy.errors import AuthRateLimited
 from proxy.kernels.local import can_isolate_network
 from tests.conftest import ProxyFactory, upstream_models
 from tests.test_actions import WEATHER, program
-from tests.upstream import ScriptedUpstream
+from tests.upstream import Reply, ScriptedUpstream
 
 ROOT = os.geteuid() == 0
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -257,7 +257,7 @@ def test_secrets_never_appear_in_logs(
         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
     )
     bodies.append(bad.text)
-    upstream.plan()  # nothing planned: the upstream answers 500
+    upstream.plan(Reply(status=500, body=b"<html>upstream broke</html>"))  # an error path too
     failed = httpx.post(
         proxy.url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {SECRETS['client key']}"},

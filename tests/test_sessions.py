@@ -61,6 +61,17 @@ async def test_sessions_expire(store: SessionStore) -> None:
     assert sid not in await store.sessions()
 
 
+async def test_expired_sessions_are_purged_untouched() -> None:
+    store = InMemorySessionStore(ttl=0.2)
+    for _ in range(3):
+        await store.append(new_session_id(), {"kind": "tools"})
+    kept = new_session_id()
+    await asyncio.sleep(0.3)
+    await store.append(kept, {"kind": "tools"})
+    assert await store.purge_expired() == 3  # never read again, still gone: memory stays bounded
+    assert await store.sessions() == [kept]
+
+
 async def test_lock_excludes_and_expires(store: SessionStore) -> None:
     sid = new_session_id()
     order: list[str] = []

@@ -207,7 +207,29 @@ BAD_TOOLSETS = [
         id="bad-param-schema",
     ),
     pytest.param([fn(f"t{i}") for i in range(MAX_TOOLS + 1)], "tools", id="too-many"),
+    pytest.param(
+        [fn("a", {"type": "object", "properties": {"x": {"type": "array", "items": {"type": "strin"}}}})],
+        "tools[0].function.parameters",
+        id="unknown-type-in-items",
+    ),
+    pytest.param(
+        [fn("a", {"type": "object", "properties": {"x": {"anyOf": [{"type": "HashMap"}]}}})],
+        "tools[0].function.parameters",
+        id="unknown-type-in-anyof",
+    ),
 ]
+
+
+def test_type_names_any_json_schema_or_bfcl_writes_are_accepted() -> None:
+    props = {
+        "a": {"type": "String"},  # BFCL's Java cases
+        "b": {"type": ["integer", "null"]},
+        "c": {"type": "dict", "properties": {"type": {"type": "string"}}},  # a property named "type"
+        "d": {"type": "tuple", "items": {"type": "float"}},
+        "e": {"type": "string", "default": {"type": "not-a-schema"}},  # values are not schemas
+    }
+    toolset = Toolset.from_openai([fn("ok", {"type": "object", "properties": props})])
+    assert [p.name for p in toolset.tools[0].params] == ["a", "b", "c", "d", "e"]
 
 
 @pytest.mark.parametrize(("tools", "param"), BAD_TOOLSETS)

@@ -88,6 +88,10 @@ class SessionStore(abc.ABC):
     async def ping(self) -> bool:
         return True
 
+    async def purge_expired(self) -> int:
+        """Drop expired sessions now; returns how many (Redis expires keys by itself: 0)."""
+        return 0
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -112,15 +116,16 @@ class SessionStore(abc.ABC):
 
 
 class InMemorySessionStore(SessionStore):
-    """One process's sessions; expired ones are dropped when touched."""
+    """One process's sessions, kept as JSON bytes (as in Redis: compact, and callers get copies).
+    Expired ones are dropped when touched and by ``purge_expired`` (the app's sweeper calls it)."""
 
     def __init__(self, ttl: float = 3600.0, lock_ttl: float = 30.0) -> None:
         super().__init__(ttl, lock_ttl)
-        self._logs: dict[str, tuple[float, list[Event]]] = {}
+        self._logs: dict[str, tuple[float, list[bytes]]] = {}
         self._locks: dict[str, tuple[float, str]] = {}
         self._replicas: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    def _live(self, session_id: str) -> list[Event] | None:
+    def _live(self, session_id: str) -> list[bytes] | None:
         entry = self._logs.get(session_id)
         if entry is None:
             return None
@@ -131,13 +136,21 @@ class InMemorySessionStore(SessionStore):
 
     async def append(self, session_id: str, *events: Event) -> int:
         log = self._live(session_id) or []
-        # stored as JSON, as Redis does: callers get copies, never shared dicts
-        log.extend(orjson.loads(orjson.dumps(e)) for e in _stamped(events))
+        log.extend(orjson.dumps(e) for e in _stamped(events))
         self._logs[session_id] = (time.monotonic() + self.ttl, log)
         return len(log)
 
     async def events(self, session_id: str) -> list[Event]:
-        return orjson.loads(orjson.dumps(self._live(session_id) or []))  # type: ignore[no-any-return]
+        return [orjson.loads(item) for item in self._live(session_id) or []]
+
+    async def purge_expired(self) -> int:
+        now = time.monotonic()
+        expired = [sid for sid, (until, _) in self._logs.items() if until < now]
+        for sid in expired:
+            del self._logs[sid]
+        for sid in [sid for sid, (until, _) in self._locks.items() if until < now]:
+            del self._locks[sid]
+        return len(expired)
 
     async def sessions(self) -> list[str]:
         return [s for s in list(self._logs) if self._live(s) is not None]

@@ -1,0 +1,243 @@
+"""Load against `cablectl serve` (its own process) on loopback, with a scripted upstream:
+
+- fast path: 1,000 requests at concurrency 50 (a static program becomes tool_calls, no kernel);
+- kernel path: 200 sessions at concurrency 20 (a program calls a client tool twice in a
+  kernel: three requests per session, two of them resuming the program).
+
+Two rounds of both, so that memory after the second can be set against the first (sessions
+live 10 s here, so each round's have expired when memory is read). Reports errors, latency
+p50/p99 per phase, the proxy's CPU per request, its RSS (after warm-up, after each round),
+and the kernel pool from /metrics once sessions have idled out. Exits 1 if any request failed or the
+pool did not return to idle; asserts nothing about time. Bounded by --max-seconds.
+
+    .venv/bin/python bench/load.py [--requests 1000] [--sessions 200] [--max-seconds 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.loop import KERNEL, STATIC, TEMPS, TOOLS, Responder  # noqa: E402
+from bench.stats import pct  # noqa: E402
+from tests.servers import UvicornThread, free_port  # noqa: E402
+
+
+SESSION_TTL = 10.0  # short, so that a round's sessions expire before memory is read
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+
+    def line(self, name: str, wall: float, count: int, unit: str) -> str:
+        ms = self.latencies
+        return (
+            f"  {name:<44} {count:5d} {unit} in {wall:6.1f} s ({count / wall:6.1f}/s)  errors {len(self.errors)}  "
+            f"p50 {pct(ms, 0.5):7.1f} ms  p99 {pct(ms, 0.99):7.1f} ms"
+        )
+
+
+async def post(client: httpx.AsyncClient, messages: list[Any], tally: Tally) -> dict[str, Any] | None:
+    started = time.perf_counter()
+    try:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "gpt", "messages": messages, "tools": TOOLS}
+        )
+    except httpx.HTTPError as exc:
+        tally.errors.append(f"{type(exc).__name__}: {exc}")
+        return None
+    tally.latencies.append((time.perf_counter() - started) * 1000)
+    if response.status_code != 200:
+        tally.errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+        return None
+    return orjson.loads(response.content)  # type: ignore[no-any-return]
+
+
+async def fast_request(client: httpx.AsyncClient, tally: Tally) -> None:
+    body = await post(client, [{"role": "user", "content": "Weather in Paris and Rome?"}], tally)
+    if body is not None and len(body["choices"][0]["message"].get("tool_calls") or []) != 2:
+        tally.errors.append(f"expected two tool_calls, got {body['choices'][0]['message']}")
+
+
+async def kernel_session(client: httpx.AsyncClient, tally: Tally) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Which city is hotter?"}]
+    body = await post(client, messages, tally)
+    while body is not None and body["choices"][0]["finish_reason"] == "tool_calls":
+        message = body["choices"][0]["message"]
+        messages.append(message)
+        messages += [
+            {
+                "role": "tool",
+                "tool_call_id": c["id"],
+                "content": str(TEMPS[orjson.loads(c["function"]["arguments"])["city"]]),
+            }
+            for c in message["tool_calls"]
+        ]
+        body = await post(client, messages, tally)
+    if body is not None and body["choices"][0]["message"]["content"] != "Rome.":
+        tally.errors.append(f"unexpected answer {body['choices'][0]['message']['content']!r}")
+
+
+async def phase(base: str, job: Any, count: int, concurrency: int, deadline: float) -> tuple[Tally, float]:
+    tally = Tally()
+    todo = list(range(count))
+    async with httpx.AsyncClient(
+        base_url=base, timeout=120, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+
+        async def worker() -> None:
+            while todo and time.monotonic() < deadline:
+                todo.pop()
+                await job(client, tally)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    if todo:
+        tally.errors.append(f"{len(todo)} not run: --max-seconds reached")
+    return tally, wall
+
+
+def gauges(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics").text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("cablectl_kernels{", "cablectl_sessions_active ")):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_idle(base: str, deadline: float) -> dict[str, float]:
+    while True:
+        seen = gauges(base)
+        if seen.get('cablectl_kernels{state="busy"}', 1) == 0 or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
+async def main(requests: int, sessions: int, max_seconds: float) -> int:
+    deadline = time.monotonic() + max_seconds
+    upstream = Responder()
+    with UvicornThread(upstream, lifespan="off") as up:
+        port = free_port()
+        config = {
+            "model_list": [
+                {"model_name": "gpt", "litellm_params": {"model": "openai/gpt", "api_base": up.url + "/v1"}}
+            ],
+            "kernels": {"min_idle": 8, "max_total": 24, "acquire_timeout": 120, "session_idle_seconds": 2},
+            "sessions": {"ttl_seconds": SESSION_TTL},
+            "server": {"log_level": "warning", "port": port},
+        }
+        path = Path(tempfile.mkdtemp()) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CABLECTL_", "OPENAI_"))}
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        failed = 0
+        try:
+            while True:
+                try:
+                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proxy.poll() is not None or time.monotonic() > deadline:
+                    print("the proxy did not start")
+                    return 1
+                await asyncio.sleep(0.1)
+            # warm-up: connections, caches, the grammar and toolset caches, the first kernels
+            upstream.program = STATIC
+            await phase(base, fast_request, 100, 10, deadline)
+            upstream.program = KERNEL
+            await phase(base, kernel_session, 20, 10, deadline)
+            wait_idle(base, deadline)
+            await asyncio.sleep(SESSION_TTL + 2)  # the warm-up's sessions expire and are purged
+            memory = [("after warm-up", rss_mib(proxy.pid))]
+            print(f"load against cablectl serve (pid {proxy.pid}), scripted upstream, loopback")
+            for round_ in (1, 2):
+                upstream.program = STATIC
+                cpu = cpu_seconds(proxy.pid)
+                fast, wall = await phase(base, fast_request, requests, 50, deadline)
+                print(fast.line(f"round {round_}: fast path, c=50", wall, requests, "requests"))
+                print(f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms")
+                upstream.program = KERNEL
+                cpu = cpu_seconds(proxy.pid)
+                kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
+                print(
+                    kernel.line(
+                        f"round {round_}: kernel path (3 requests each), c=20", wall, sessions, "sessions"
+                    )
+                )
+                print(
+                    f"    proxy CPU per session {(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms "
+                    "(kernel processes not included)"
+                )
+                for tally in (fast, kernel):
+                    failed += len(tally.errors)
+                    for error in tally.errors[:5]:
+                        print(f"    error: {error}")
+                idle = wait_idle(base, deadline)
+                await asyncio.sleep(SESSION_TTL + 2)
+                memory.append((f"after round {round_}", rss_mib(proxy.pid)))
+                print(f"    pool after sessions idled out: {idle}")
+                if idle.get('cablectl_kernels{state="busy"}', 1) != 0:
+                    print("    the pool did not return to idle")
+                    failed += 1
+            print("  proxy RSS: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in memory))
+            growth = memory[2][1] - memory[1][1]
+            print(f"  RSS growth from round 1 to round 2: {growth:+.1f} MiB ({growth / memory[1][1]:+.1%})")
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+    print(f"errors: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--max-seconds", type=float, default=900)
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.requests, args.sessions, args.max_seconds)))
