@@ -37,7 +37,6 @@ from bench.loop import KERNEL, STATIC, TEMPS, TOOLS, Responder  # noqa: E402
 from bench.stats import pct  # noqa: E402
 from tests.servers import UvicornThread, free_port  # noqa: E402
 
-
 SESSION_TTL = 10.0  # short, so that a round's sessions expire before memory is read
 
 
