@@ -126,6 +126,28 @@ async def phase(base: str, job: Any, count: int, concurrency: int, deadline: flo
     return tally, wall
 
 
+def start_proxy(config: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABLECTL_", "OPENAI_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_ready(proxy: subprocess.Popen[bytes], base: str, deadline: float) -> bool:
+    while proxy.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def gauges(base: str) -> dict[str, float]:
     text = httpx.get(base + "/metrics").text
     out: dict[str, float] = {}
@@ -159,27 +181,13 @@ async def main(requests: int, sessions: int, max_seconds: float) -> int:
         }
         path = Path(tempfile.mkdtemp()) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CABLECTL_", "OPENAI_"))}
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proxy = start_proxy(path)
         base = f"http://127.0.0.1:{port}"
         failed = 0
         try:
-            while True:
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proxy.poll() is not None or time.monotonic() > deadline:
-                    print("the proxy did not start")
-                    return 1
-                await asyncio.sleep(0.1)
+            if not wait_ready(proxy, base, deadline):
+                print("the proxy did not start")
+                return 1
             # warm-up: connections, caches, the grammar and toolset caches, the first kernels
             upstream.program = STATIC
             await phase(base, fast_request, 100, 10, deadline)
