@@ -7,11 +7,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md config.yaml ./
+COPY pyproject.toml README.md config.yaml requirements.lock ./
+# every dependency from the lock, hash-checked; then the project itself without resolving again
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY proxy ./proxy
 COPY translators ./translators
 COPY grammars ./grammars
-RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 cablectl
+RUN pip install --no-cache-dir --no-deps . && useradd --create-home --uid 10001 cablectl
 
 USER cablectl
 ENV CABLECTL_HOST=0.0.0.0 CABLECTL_PORT=4000
