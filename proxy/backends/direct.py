@@ -25,6 +25,17 @@ DEFAULT_API_BASE = "https://api.openai.com/v1"
 CONNECT_TIMEOUT = 10.0
 
 
+def _stale_connection(exc: aiohttp.ClientError) -> bool:
+    """A pooled keep-alive connection the upstream had closed: the request never got through.
+
+    Servers close idle connections on their own schedule (uvicorn, so vLLM, after 5 s); a
+    request sent on one just then fails to write or sees the close at once. Sent again on a
+    new connection it is fine. A refused connect is not this (the upstream is down)."""
+    return isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and not isinstance(
+        exc, aiohttp.ClientConnectorError
+    )
+
+
 class HttpPool:
     """The one upstream connection pool of an app; opened in the lifespan's event loop."""
 
@@ -106,14 +117,22 @@ class DirectBackend(ModelBackend):
             f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"
         )
 
-    async def complete(self, payload: dict[str, Any], request: ChatCompletionRequest) -> bytes:
+    async def _post(self, data: bytes) -> tuple[int, bytes]:
         session = self._pool.session
+        for attempt in (1, 2):
+            try:
+                async with session.post(
+                    self._url, data=data, headers=self._headers, timeout=self._timeout
+                ) as response:
+                    return response.status, await response.read()
+            except aiohttp.ClientError as exc:
+                if attempt == 2 or not _stale_connection(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def complete(self, payload: dict[str, Any], request: ChatCompletionRequest) -> bytes:
         try:
-            async with session.post(
-                self._url, data=self._body(payload), headers=self._headers, timeout=self._timeout
-            ) as response:
-                body = await response.read()
-                status = response.status
+            status, body = await self._post(self._body(payload))
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not answer in time; "
@@ -134,12 +153,21 @@ class DirectBackend(ModelBackend):
             )
         return body
 
-    async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
+    async def _open(self, data: bytes) -> aiohttp.ClientResponse:
         session = self._pool.session
+        for attempt in (1, 2):
+            try:
+                return await session.post(
+                    self._url, data=data, headers=self._headers, timeout=self._stream_timeout
+                )
+            except aiohttp.ClientError as exc:
+                if attempt == 2 or not _stale_connection(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         try:
-            response = await session.post(
-                self._url, data=self._body(payload), headers=self._headers, timeout=self._stream_timeout
-            )
+            response = await self._open(self._body(payload))
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not start streaming in time"

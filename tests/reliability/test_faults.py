@@ -6,6 +6,8 @@ nothing is lost, and no kernel process outlives its proxy."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from proxy.config import load_settings
 from tests.conftest import upstream_models, write_config
 from tests.servers import UvicornThread, free_port
 from tests.test_actions import LOOP_PROGRAM, WEATHER, program
-from tests.upstream import Hang, Reply, ScriptedUpstream, Stream, load_recording
+from tests.upstream import Hang, Reply, ScriptedUpstream, Stream, canned_completion, load_recording
 
 ANSWER = "Rome is hotter (24 vs 18)."
 CONTENT = "no_tool_calls/e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.bin"
@@ -335,3 +337,87 @@ def test_client_gone_mid_request_leaves_no_stuck_lock_or_kernel(
         pids = kernel_pids(server)
         server.stop()
     assert not [p for p in pids if alive(p)]
+
+
+class OneRequestPerConnection:
+    """An upstream that keeps connections alive in its headers, then drops each one on its second
+    request without answering, as a server does that closes idle connections on its own clock."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests = 0
+        self.dropped = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(
+                        (
+                            h.split(b":")[1]
+                            for h in head.split(b"\r\n")
+                            if h.lower().startswith(b"content-length")
+                        ),
+                        b"0",
+                    )
+                )
+                await reader.readexactly(length)
+                if served:
+                    self.dropped += 1
+                    return  # closed without a word
+                self.requests += 1
+                body = json.dumps(canned_completion("scripted", "fresh")).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive\r\n"
+                    + f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                served += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._ready.set()
+        with contextlib.suppress(RuntimeError):
+            self._loop.run_forever()
+        server.close()
+
+    def __enter__(self) -> OneRequestPerConnection:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def test_a_kept_alive_connection_the_upstream_dropped_is_retried(tmp_path: Path) -> None:
+    with OneRequestPerConnection() as flaky:
+        route = {
+            "model_name": "m",
+            "litellm_params": {"model": "openai/m", "api_base": f"http://127.0.0.1:{flaky.port}/v1"},
+        }
+        server = start(
+            write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
+        )
+        try:
+            client = sdk(server)
+            for _ in range(3):  # each after the first goes out on the pooled, now dead, connection
+                reply = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert reply.choices[0].message.content == "fresh"
+            assert flaky.requests == 3 and flaky.dropped == 2
+        finally:
+            server.stop()
