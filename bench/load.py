@@ -55,13 +55,15 @@ def rss_mib(pid: int) -> float:
 class Tally:
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.overhead: list[float] = []  # x-cablectl-overhead-ms: the proxy's own time
         self.errors: list[str] = []
 
     def line(self, name: str, wall: float, count: int, unit: str) -> str:
         ms = self.latencies
         return (
             f"  {name:<44} {count:5d} {unit} in {wall:6.1f} s ({count / wall:6.1f}/s)  errors {len(self.errors)}  "
-            f"p50 {pct(ms, 0.5):7.1f} ms  p99 {pct(ms, 0.99):7.1f} ms"
+            f"p50 {pct(ms, 0.5):7.1f} ms  p99 {pct(ms, 0.99):7.1f} ms  "
+            f"(proxy's own time p50 {pct(self.overhead, 0.5):.1f} ms, p99 {pct(self.overhead, 0.99):.1f} ms)"
         )
 
 
@@ -75,6 +77,7 @@ async def post(client: httpx.AsyncClient, messages: list[Any], tally: Tally) -> 
         tally.errors.append(f"{type(exc).__name__}: {exc}")
         return None
     tally.latencies.append((time.perf_counter() - started) * 1000)
+    tally.overhead.append(float(response.headers.get("x-cablectl-overhead-ms", "nan")))
     if response.status_code != 200:
         tally.errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
         return None
