@@ -74,6 +74,7 @@ def test_top_level_surfaces() -> None:
 
     assert proxy.__all__ == ["__version__"]
     assert set(proxy.errors.__all__) == {
+        "AuthRateLimited",
         "AuthenticationFailed",
         "CablectlError",
         "ConfigError",

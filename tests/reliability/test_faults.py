@@ -391,6 +391,8 @@ class OneRequestPerConnection:
         with contextlib.suppress(RuntimeError):
             self._loop.run_forever()
         server.close()
+        self._loop.run_until_complete(server.wait_closed())
+        self._loop.close()  # its self-pipe sockets too
 
     def __enter__(self) -> OneRequestPerConnection:
         self._thread.start()
