@@ -185,7 +185,7 @@ def _kernel_pool(settings: Settings) -> KernelPool:
 PUBLISH_INTERVAL = 2.0  # seconds between a replica's announcements of its kernels
 
 
-async def _publish(store: SessionStore, replica_id: str, snapshot: Any) -> None:
+async def _publish(store: SessionStore, replica_id: str, snapshot: Callable[[], dict[str, Any]]) -> None:
     """Announce this replica's kernels in the session store, for ``cablectl kernels ls``."""
     while True:
         try:
