@@ -19,6 +19,7 @@ import asyncio
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -158,15 +159,24 @@ def _store_url(args: argparse.Namespace) -> str:
     return settings.sessions.redis_url
 
 
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 async def _with_store(args: argparse.Namespace, work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
     from proxy.sessions import RedisSessionStore
 
-    store = RedisSessionStore(_store_url(args))
+    url = _store_url(args)
+    store = RedisSessionStore(url)
     try:
         if not await store.ping():
-            raise ConfigError(
-                f"cannot reach the session store at {_store_url(args)}; is Redis running there?"
-            )
+            raise ConfigError(f"cannot reach the session store at {_redacted(url)}; is Redis running there?")
         return await work(store)
     finally:
         await store.aclose()

@@ -176,8 +176,9 @@ def test_kernels_ls_shows_every_replica_kernel(
 def test_commands_name_the_fix_without_a_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = cli(capsys, "sessions", "ls")
     assert code == 2 and "set sessions.redis_url in the config, or pass --redis-url" in err
-    code, _, err = cli(capsys, "kernels", "ls", "--redis-url", "redis://127.0.0.1:9/0")
-    assert code == 2 and "cannot reach the session store" in err
+    code, _, err = cli(capsys, "kernels", "ls", "--redis-url", "redis://ops:s3cret-pw@127.0.0.1:9/0")
+    assert code == 2 and "cannot reach the session store at redis://ops:***@127.0.0.1:9/0" in err
+    assert "s3cret-pw" not in err
 
 
 def test_config_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
