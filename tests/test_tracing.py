@@ -179,3 +179,42 @@ def test_a_broken_tracer_never_fails_a_request(
         assert response.choices[0].finish_reason == "tool_calls" and trace is None
         response, _ = create(client, [{"role": "user", "content": "hi"}])
         assert response.choices[0].message.content == "plain"
+
+
+def test_server_side_tool_calls_are_spans_with_their_results(
+    tmp_path: Any, upstream: ScriptedUpstream, upstream_url: str, receiver: OTLPReceiver
+) -> None:
+    from tests.test_toolsets import PETSTORE, PetApp
+
+    pets = PetApp()
+    with UvicornThread(pets, lifespan="off") as pet_server:
+        config = traced_config(upstream_url, receiver.url)
+        for model in config["model_list"]:
+            model["toolsets"] = ["petstore"]
+        config["toolsets"] = {
+            "petstore": {
+                "openapi": str(PETSTORE),
+                "base_url": pet_server.url + "/api/v3",
+                "headers": {"api_key": "s3cret"},
+            }
+        }
+        with UvicornThread(create_app(settings_from(tmp_path, config))) as proxy:
+            client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+            upstream.plan(
+                program("```python\nfor i in (7, 8):\n    print(getPetById(petId=i)['id'])\n```"),
+                program("Pets 7 and 8."),
+            )
+            response, _ = create(client, [{"role": "user", "content": "pets 7 and 8?"}])
+            assert response.choices[0].message.content == "Pets 7 and 8."
+    [root] = wait_for(receiver, 6)
+    assert root.shape() == (
+        "chat.completions",
+        [("generation", []), ("action", [("tool", []), ("tool", [])]), ("generation", [])],
+    )
+    action = next(c for c in root.children if c.name == "action")
+    assert action.json_attr("output") == "7\n8"
+    first = sorted(action.children, key=lambda s: s.start_ns)[0]
+    assert first.json_attr("input") == {"name": "getPetById", "arguments": {"petId": 7}}
+    assert first.json_attr("output") == {"id": 7, "name": "rex", "status": "available"}
+    assert first.json_attr("metadata.kind") == "server" and first.json_attr("metadata.toolset") == "petstore"
+    assert "s3cret" not in json.dumps([s.attributes for s in receiver.spans])  # credentials stay in the proxy
