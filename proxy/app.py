@@ -423,22 +423,19 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         )
         traced = {TRACE_HEADER: span.trace_id} if span.trace_id else {}
         generation = span.child("generation", "generation", input=payload.get("messages"), model=chat.model)
-        if not chat.stream:
-            try:
+        try:
+            if not chat.stream:
                 body = await router.complete(payload, chat, record.clock)
-            except CablectlError as exc:
-                generation.end(error=exc.message)
-                span.end(error=exc.message)
-                raise
+            else:
+                stream = await router.open_stream(payload, chat, record.clock)
+        except CablectlError as exc:
+            for traced_span in (generation, span):
+                traced_span.end(error=exc.message)
+            raise
+        if not chat.stream:
             if tracer.enabled:
                 _end_traced(body, generation, span)
             return Response(body, media_type="application/json", headers=traced)
-        try:
-            stream = await router.open_stream(payload, chat, record.clock)
-        except CablectlError as exc:
-            generation.end(error=exc.message)
-            span.end(error=exc.message)
-            raise
         return StreamingResponse(
             _relay(stream, record, (generation, span)),
             media_type="text/event-stream",

@@ -20,8 +20,8 @@ import logging
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 from rich.console import Console
@@ -32,9 +32,12 @@ from rich.tree import Tree
 from proxy import __version__
 from proxy.config import Settings, load_settings
 from proxy.errors import CablectlError, ConfigError
+from proxy.sessions import RedisSessionStore, SessionStore
 from proxy.views import Node, export_turns, session_tree, summarize
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,9 +172,7 @@ def _redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-async def _with_store(args: argparse.Namespace, work: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    from proxy.sessions import RedisSessionStore
-
+async def _with_store(args: argparse.Namespace, work: Callable[[SessionStore], Awaitable[T]]) -> T:
     url = _store_url(args)
     store = RedisSessionStore(url)
     try:
@@ -195,13 +196,21 @@ _SESSION_COLUMNS = (
 _KERNEL_COLUMNS = ("replica", "kernel_id", "state", "session_id", "pid", "age")
 
 
-def _table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Table:
+def _print_rows(
+    out: Console, title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], as_json: bool
+) -> int:
+    """JSON lines, or a table of ``columns``."""
+    if as_json:
+        for row in rows:
+            out.print_json(orjson.dumps(row).decode(), indent=None)
+        return 0
     table = Table(title=title)
     for column in columns:
         table.add_column(column.replace("_", " "), no_wrap=column.endswith("_id"))
     for row in rows:
         table.add_row(*("-" if row.get(c) is None else str(row[c]) for c in columns))
-    return table
+    out.print(table)
+    return 0
 
 
 def _tree(node: Node, into: Tree | None = None) -> Tree:
@@ -211,7 +220,7 @@ def _tree(node: Node, into: Tree | None = None) -> Tree:
     return tree
 
 
-async def _sessions_ls(store: Any, out: Console, as_json: bool) -> int:
+async def _sessions_ls(store: SessionStore, out: Console, as_json: bool) -> int:
     rows = []
     for sid in await store.sessions():
         events = await store.events(sid)
@@ -219,15 +228,10 @@ async def _sessions_ls(store: Any, out: Console, as_json: bool) -> int:
             rows.append((max((float(e.get("at", 0)) for e in events), default=0.0), sid, events))
     rows.sort(key=lambda r: r[0], reverse=True)
     summaries = [summarize(sid, events, await store.ttl_left(sid)) for _, sid, events in rows]
-    if as_json:
-        for summary in summaries:
-            out.print_json(orjson.dumps(summary).decode(), indent=None)
-        return 0
-    out.print(_table(f"{len(summaries)} session(s)", _SESSION_COLUMNS, summaries))
-    return 0
+    return _print_rows(out, f"{len(summaries)} session(s)", _SESSION_COLUMNS, summaries, as_json)
 
 
-async def _sessions_show(store: Any, out: Console, session_id: str) -> int:
+async def _sessions_show(store: SessionStore, out: Console, session_id: str) -> int:
     events = await store.events(session_id)
     if not events:
         out.print(
@@ -239,7 +243,7 @@ async def _sessions_show(store: Any, out: Console, session_id: str) -> int:
     return 0
 
 
-async def _export_lines(store: Any, ids: list[str]) -> tuple[list[bytes], int]:
+async def _export_lines(store: SessionStore, ids: list[str]) -> tuple[list[bytes], int]:
     ids = ids or await store.sessions()
     lines = [
         orjson.dumps(record) + b"\n" for sid in ids for record in export_turns(sid, await store.events(sid))
@@ -248,14 +252,7 @@ async def _export_lines(store: Any, ids: list[str]) -> tuple[list[bytes], int]:
 
 
 def _sessions_export(args: argparse.Namespace) -> int:
-    result: list[tuple[list[bytes], int]] = []
-
-    async def collect(store: Any) -> int:
-        result.append(await _export_lines(store, args.session_ids))
-        return 0
-
-    asyncio.run(_with_store(args, collect))
-    lines, sessions = result[0]
+    lines, sessions = asyncio.run(_with_store(args, lambda store: _export_lines(store, args.session_ids)))
     if args.output:
         with open(args.output, "wb") as sink:
             sink.writelines(lines)
@@ -272,19 +269,14 @@ def _age(started_at: Any) -> str:
     return f"{max(0.0, time.time() - started_at):.0f}s"
 
 
-async def _kernels_ls(store: Any, out: Console, as_json: bool) -> int:
+async def _kernels_ls(store: SessionStore, out: Console, as_json: bool) -> int:
     rows = []
     for replica in sorted(await store.replicas(), key=lambda r: str(r.get("replica"))):
         if replica.get("stopping"):
             continue
         for kernel in replica.get("kernels", []):
             rows.append({"replica": replica.get("replica"), **kernel, "age": _age(kernel.get("started_at"))})
-    if as_json:
-        for row in rows:
-            out.print_json(orjson.dumps(row).decode(), indent=None)
-        return 0
-    out.print(_table(f"{len(rows)} kernel(s)", _KERNEL_COLUMNS, rows))
-    return 0
+    return _print_rows(out, f"{len(rows)} kernel(s)", _KERNEL_COLUMNS, rows, as_json)
 
 
 # --- config ----------------------------------------------------------------------------------

@@ -121,11 +121,8 @@ def redis_url() -> Iterator[str]:
     but fail in CI (CI=true), where a missing Redis is a broken setup."""
     import shutil
     import subprocess
-    import time
 
-    import redis
-
-    from tests.servers import free_port
+    from tests.servers import free_port, wait_for_redis
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -139,19 +136,9 @@ def redis_url() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        wait_for_redis(url, proc)
         yield url
     finally:
-        client.close()
         proc.terminate()
         proc.wait(timeout=10)

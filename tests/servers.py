@@ -10,13 +10,32 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["UvicornThread", "free_port"]
+__all__ = ["UvicornThread", "free_port", "wait_for_redis"]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_redis(url: str, proc: Any, timeout: float = 10.0) -> None:
+    """Until the redis-server ``proc`` (a Popen) answers PING at ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+    finally:
+        client.close()
 
 
 class UvicornThread:

@@ -108,6 +108,15 @@ def test_static_program_becomes_parallel_tool_calls(
     )
 
 
+def answer_call(messages: list[Any], response: Any, result: Any) -> None:
+    """Append the response's assistant message and the tool result for its first call."""
+    call = (response.choices[0].message.tool_calls or [])[0]
+    messages += [
+        response.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+    ]
+
+
 def run_loop_conversation(
     client: openai.OpenAI, upstream: ScriptedUpstream, between: Any = None
 ) -> tuple[Any, list[Any]]:

@@ -18,7 +18,7 @@ import redis
 from proxy.cli import main
 from tests.conftest import ProxyFactory, upstream_models
 from tests.servers import UvicornThread
-from tests.test_actions import LOOP_PROGRAM, WEATHER, program
+from tests.test_actions import LOOP_PROGRAM, WEATHER, answer_call, program
 from tests.upstream import ScriptedUpstream
 
 
@@ -68,11 +68,7 @@ def sessions(proxy: UvicornThread, upstream_server: Any) -> dict[str, str]:
     response = ask(client, messages)
     finished = session_of(response)
     for temp in (18, 24):
-        call = (response.choices[0].message.tool_calls or [])[0]
-        messages += [
-            response.choices[0].message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"t": temp})},
-        ]
+        answer_call(messages, response, {"t": temp})
         if temp == 24:
             upstream.plan(program("Rome is hotter."))
         response = ask(client, messages)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -10,7 +9,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ProxyFactory, upstream_models
-from tests.test_actions import LOOP_PROGRAM, WEATHER, program
+from tests.test_actions import LOOP_PROGRAM, WEATHER, answer_call, program
 from tests.upstream import ScriptedUpstream
 
 
@@ -45,11 +44,7 @@ def test_metrics_after_a_conversation(
     messages: list[Any] = [{"role": "user", "content": "Which is hotter?"}]
     response = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
     for temp in (18, 24):
-        call = (response.choices[0].message.tool_calls or [])[0]
-        messages += [
-            response.choices[0].message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"t": temp})},
-        ]
+        answer_call(messages, response, {"t": temp})
         if temp == 24:
             upstream.plan(program("Rome."))
         response = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)

@@ -18,7 +18,7 @@ from proxy.tracing import TRACE_HEADER
 from tests.conftest import settings_from, upstream_models, write_config
 from tests.otlp import OTLPReceiver, ReceivedSpan
 from tests.servers import UvicornThread
-from tests.test_actions import LOOP_PROGRAM, WEATHER, program
+from tests.test_actions import LOOP_PROGRAM, WEATHER, answer_call, program
 from tests.upstream import ScriptedUpstream
 
 
@@ -70,10 +70,7 @@ def test_a_session_is_one_trace_with_generations_actions_and_tool_calls(
         headers.append(trace)
         for temp in (18, 24):  # 2 and 3: each result resumes the program
             call = (response.choices[0].message.tool_calls or [])[0]
-            messages += [
-                response.choices[0].message.model_dump(exclude_none=True),
-                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"t": temp})},
-            ]
+            answer_call(messages, response, {"t": temp})
             if temp == 24:
                 upstream.plan(program("Rome is hotter."))
             response, trace = create(client, messages, tools=WEATHER)

@@ -22,13 +22,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from proxy.app import create_app
 from proxy.config import load_settings
 from tests.conftest import upstream_models, write_config
-from tests.servers import UvicornThread, free_port
-from tests.test_actions import LOOP_PROGRAM, WEATHER, program
+from tests.servers import UvicornThread, free_port, wait_for_redis
+from tests.test_actions import LOOP_PROGRAM, WEATHER, answer_call, program
 from tests.upstream import Hang, Reply, ScriptedUpstream, Stream, canned_completion, load_recording
 
 ANSWER = "Rome is hotter (24 vs 18)."
@@ -60,25 +59,17 @@ def sdk(server: UvicornThread, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, **kwargs)
 
 
-def step(messages: list[Any], response: Any, temp: int) -> None:
-    call = (response.choices[0].message.tool_calls or [])[0]
-    messages += [
-        response.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"t": temp})},
-    ]
-
-
 def first_two_turns(client: openai.OpenAI, upstream: ScriptedUpstream, model: str) -> list[Any]:
     """The loop program's first two round trips; the next request finishes the program."""
     upstream.plan(program(LOOP_PROGRAM))
     messages: list[Any] = [{"role": "user", "content": "Which is hotter, Paris or Rome?"}]
     response = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
-    step(messages, response, 18)
+    answer_call(messages, response, {"t": 18})
     response = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
     assert json.loads((response.choices[0].message.tool_calls or [])[0].function.arguments) == {
         "city": "Rome"
     }
-    step(messages, response, 24)
+    answer_call(messages, response, {"t": 24})
     return messages
 
 
@@ -161,16 +152,7 @@ class PersistentRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
+        wait_for_redis(self.url, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
