@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
+from proxy.actions.events import Event, Started
 from proxy.actions.loop import ActionLoop
-from proxy.actions.respond import completion_body, completion_chunks
+from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
@@ -404,17 +405,19 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
             denied = {
                 f for n in entry.toolsets if not principal.may_use_toolset(n) for f in toolsets[n].names()
             }
-            result = await loop.run(
-                entry, router.get(chat.model), chat, payload, record.clock, offered, denied
-            )
-            traced = {TRACE_HEADER: result.trace_id} if result.trace_id else {}
+            events = loop.stream(entry, chat, payload, record.clock, offered, denied)
+            head = await _head(events)  # a failure before the first visible event is an HTTP error
+            started = next((e for e in head if isinstance(e, Started)), None)
+            traced = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}
             if not chat.stream:
-                return Response(
-                    completion_body(result, chat.model), media_type="application/json", headers=traced
-                )
+                try:
+                    result = await collect(_chain(head, events))
+                finally:
+                    await _close(events)
+                return Response(chat_body(result, chat.model), media_type="application/json", headers=traced)
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                iter(list(completion_chunks(result, chat.model, include_usage))),
+                _sse_events(chat_chunks(_chain(head, events), chat.model, include_usage), events, record),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
             )
@@ -466,6 +469,66 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     return app
 
 
+async def _close(events: AsyncIterator[Event]) -> None:
+    """Close the loop's event stream (shielded: it runs when a client went away too), so the
+    model stops, the session lock is released and the kernel is back in its place."""
+    with anyio.CancelScope(shield=True):
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _head(events: AsyncIterator[Event]) -> list[Event]:
+    """The loop's events up to the first one a client sees. What fails before that raises
+    (an HTTP error with its status); nothing has been sent yet."""
+    head: list[Event] = []
+    try:
+        async for event in events:
+            head.append(event)
+            if not isinstance(event, Started):
+                break
+    except BaseException:
+        await _close(events)
+        raise
+    return head
+
+
+async def _chain(head: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    for event in head:
+        yield event
+    async for event in events:
+        yield event
+
+
+async def _sse_events(
+    chunks: AsyncIterator[bytes], events: AsyncIterator[Event], record: RequestRecord
+) -> AsyncIterator[bytes]:
+    """A surface's SSE as the loop produces it; a failure mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except CablectlError as exc:
+        record.error = exc.error_code or exc.type
+        log.warning("stream for %s failed: %s", record.model, exc.message)
+        yield b"data: " + orjson.dumps(exc.to_body()) + b"\n\n"
+    except Exception:  # the stream's own boundary: the status line has already gone out
+        record.error = "internal_error"
+        log.exception("stream for %s failed", record.model)
+        yield b"data: " + orjson.dumps(_INTERNAL_STREAM_ERROR) + b"\n\n"
+    finally:
+        await _close(events)
+
+
+_INTERNAL_STREAM_ERROR = {
+    "error": {
+        "message": "The stream failed inside the proxy; it has been logged.",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+}
+
+
 def _end_traced(body: bytes, generation: Span, span: Span) -> None:
     """End a pass-through request's spans with the model's message and usage."""
     try:
@@ -501,15 +564,7 @@ async def _relay(
     except Exception:  # the stream's own boundary: the status line has already gone out
         record.error = "internal_error"
         log.exception("stream for %s failed", record.model)
-        body = {
-            "error": {
-                "message": "The stream failed inside the proxy; it has been logged.",
-                "type": "server_error",
-                "param": None,
-                "code": "internal_error",
-            }
-        }
-        yield b"data: " + orjson.dumps(body) + b"\n\n"
+        yield b"data: " + orjson.dumps(_INTERNAL_STREAM_ERROR) + b"\n\n"
     finally:
         # shielded: a client that went away cancels this task, and the upstream
         # connection or the local model context must still be given back

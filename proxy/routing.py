@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from proxy.backends.base import ModelBackend, SSEStream
+from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream
 from proxy.backends.direct import DirectBackend, HttpPool
 from proxy.backends.litellm_backend import LiteLLMBackend, LiteLLMRouter
 from proxy.backends.local import LocalBackend
@@ -137,3 +137,7 @@ class ModelRouter:
         self, payload: dict[str, Any], request: ChatCompletionRequest, clock: UpstreamClock
     ) -> SSEStream:
         return await self._attempt(request.model, clock, lambda b: b.open_stream(payload, request))
+
+    async def generate(self, job: GenerationRequest, clock: UpstreamClock) -> Generation:
+        """Open one generation of the action loop (retries and fallbacks before its first byte)."""
+        return await self._attempt(job.request.model, clock, lambda b: b.generate(job))

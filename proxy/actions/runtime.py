@@ -33,6 +33,7 @@ class LiveSession:
     kernel: PooledKernel
     digest: str
     waiting_call_id: str | None = None
+    turn_calls: int = 0  # calls the running program has made so far
     last_used: float = 0.0
     in_use: bool = False  # a request is working with this kernel right now
 
@@ -143,6 +144,7 @@ class Runtime:
         state: Pending | Finished | None = None
         for index, event in enumerate(turns):
             state = await live.kernel.execute(str(event["source"]))
+            live.turn_calls = 0
             for call in calls_by_turn.get(int(event["turn"]), []):
                 if not isinstance(state, Pending):
                     break
@@ -150,6 +152,7 @@ class Runtime:
                 if recorded is None:  # still waiting for the client
                     live.waiting_call_id = str(call["call_id"])
                     return live, state
+                live.turn_calls += 1
                 if "error" in recorded:
                     state = await live.kernel.reply(error=str(recorded["error"]))
                 else:

@@ -1,16 +1,23 @@
 """The seam every model backend implements, and the mapping of upstream failures.
 
-A backend serves one route. ``complete`` returns the response body as JSON
-bytes; ``open_stream`` does everything up to the first byte (so failures there
-are still errors with a status, and can be retried or fall back), then returns
-an ``SSEStream`` of already-framed ``data: ...\\n\\n`` bytes.
+A backend serves one route, two ways:
+
+- pass-through: ``complete`` returns the response body as JSON bytes; ``open_stream``
+  does everything up to the first byte (so failures there are still errors with a
+  status, and can be retried or fall back), then returns an ``SSEStream`` of
+  already-framed ``data: ...\\n\\n`` bytes;
+- the action loop: ``generate`` opens one completion of a code-form prompt, constrained
+  by the request's grammar where the backend can, and returns a ``Generation``: an
+  async iterator of text deltas as the model writes them, with the usage once it ends.
+  Every backend streams; the loop never asks which kind it has.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import orjson
 
@@ -24,7 +31,7 @@ from proxy.errors import (
 )
 from proxy.schemas import ChatCompletionRequest
 
-__all__ = ["ModelBackend", "SSEStream", "error_from_upstream"]
+__all__ = ["Generation", "GenerationRequest", "Grammar", "ModelBackend", "SSEStream", "error_from_upstream"]
 
 
 class SSEStream(abc.ABC):
@@ -32,6 +39,65 @@ class SSEStream(abc.ABC):
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """The request's grammar in the dialect the route sends (``mode``)."""
+
+    mode: Literal["gbnf", "lark"]
+    text: str
+
+
+# what the upstream must not see when it is asked for a code action
+_NOT_FORWARDED = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "stream",
+        "stream_options",
+        "functions",
+        "function_call",
+        "n",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One inner model call of the action loop."""
+
+    messages: list[dict[str, Any]]  # the code-form prompt
+    request: ChatCompletionRequest  # the client's request (sampling settings, limits)
+    payload: dict[str, Any]  # the client's JSON (unknown fields pass through to upstreams)
+    grammar: Grammar | None = None
+
+    def chat_body(self) -> dict[str, Any]:
+        """The chat-completions body an OpenAI-compatible upstream gets (streamed)."""
+        body = {k: v for k, v in self.payload.items() if k not in _NOT_FORWARDED}
+        body["messages"] = self.messages
+        if self.grammar is not None and self.grammar.mode == "lark":
+            body["structured_outputs"] = {"grammar": self.grammar.text}  # vLLM / SGLang
+        elif self.grammar is not None:
+            body["grammar"] = self.grammar.text  # a llama.cpp server
+        return body
+
+
+@dataclass
+class Generation(abc.ABC):
+    """An open generation: iterate it for text deltas; ``usage`` is complete once it ends.
+
+    Always ``aclose`` it: that stops the model (a local context is given back once its
+    sampling thread has stopped; a remote stream is closed) and never awaits long."""
+
+    usage: dict[str, int] = field(default_factory=dict)
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[str]: ...
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...
@@ -63,6 +129,10 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         """Start a streamed completion; raise before returning if it cannot start."""
+
+    @abc.abstractmethod
+    async def generate(self, job: GenerationRequest) -> Generation:
+        """Start one generation of the action loop; raise before returning if it cannot start."""
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:

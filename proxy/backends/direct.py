@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.backends.base import ModelBackend, SSEStream, error_from_upstream
+from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream, error_from_upstream
+from proxy.backends.sse import ChatStreamParser, completion_text
 from proxy.config import ModelEntry
 from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.schemas import ChatCompletionRequest
@@ -85,6 +86,47 @@ class _AiohttpStream(SSEStream):
             self._response.release()  # connection back to the pool
         else:
             self._response.close()  # half-read: drop the connection
+
+
+class _DirectGeneration(Generation):
+    """A streamed chat completion read as text deltas (or one JSON body, if the server
+    ignored ``stream``)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, model_name: str) -> None:
+        super().__init__()
+        self._response = response
+        self._model_name = model_name
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            if "json" in self._response.headers.get("content-type", ""):
+                text, self.usage = completion_text(await self._response.read(), self._model_name)
+                if text:
+                    yield text
+            else:
+                parser = ChatStreamParser(self._model_name)
+                async for data in self._response.content.iter_any():
+                    for delta in parser.feed(data):
+                        yield delta
+                    if parser.done:
+                        break
+                for delta in parser.finish():
+                    yield delta
+                self.usage = parser.usage
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"The upstream for model {self._model_name!r} stalled mid-stream") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"The upstream for model {self._model_name!r} broke off the stream: {exc!r}"
+            ) from exc
+        self._finished = True
+
+    async def aclose(self) -> None:
+        if self._finished:
+            self._response.release()  # connection back to the pool
+        else:
+            self._response.close()  # half-read (or cancelled): drop it, the upstream stops
 
 
 class DirectBackend(ModelBackend):
@@ -166,8 +208,18 @@ class DirectBackend(ModelBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
+        return _AiohttpStream(await self._start(self._body(payload)), self.name)
+
+    async def generate(self, job: GenerationRequest) -> Generation:
+        body = job.chat_body()
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        return _DirectGeneration(await self._start(self._body(body)), self.name)
+
+    async def _start(self, data: bytes) -> aiohttp.ClientResponse:
+        """POST a streamed request; the response once its status says it streams."""
         try:
-            response = await self._open(self._body(payload))
+            response = await self._open(data)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not start streaming in time"
@@ -182,4 +234,4 @@ class DirectBackend(ModelBackend):
             finally:
                 response.release()
             raise error_from_upstream(response.status, body, self.name)
-        return _AiohttpStream(response, self.name)
+        return response

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from proxy.backends.base import ModelBackend, SSEStream, error_from_upstream
+from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream, error_from_upstream
 from proxy.config import ModelEntry, RouterSettings
 from proxy.errors import CablectlError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.schemas import ChatCompletionRequest
@@ -116,6 +116,40 @@ class _LiteLLMStream(SSEStream):
             await close()
 
 
+class _LiteLLMGeneration(Generation):
+    def __init__(self, wrapper: Any, backend: LiteLLMBackend) -> None:
+        super().__init__()
+        self._wrapper = wrapper
+        self._backend = backend
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for chunk in self._wrapper:
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    self.usage = {
+                        k: v
+                        for k, v in (
+                            usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
+                        ).items()
+                        if isinstance(v, int) and not isinstance(v, bool)
+                    }
+                for choice in chunk.choices or []:
+                    content = getattr(choice.delta, "content", None)
+                    if content and not getattr(choice, "index", 0):
+                        yield content
+        except CablectlError:
+            raise
+        except Exception as exc:  # litellm raises its own tree; map it, keep the cause
+            mapped = self._backend.router_holder.map_error(exc, self._backend.name)
+            raise (mapped or UpstreamError(f"stream from {self._backend.name!r} failed: {exc}")) from exc
+
+    async def aclose(self) -> None:
+        close = getattr(self._wrapper, "aclose", None)
+        if close is not None:
+            await close()
+
+
 class LiteLLMBackend(ModelBackend):
     retries_inside = True
 
@@ -142,14 +176,19 @@ class LiteLLMBackend(ModelBackend):
             raise mapped from exc
         return response.model_dump_json().encode()  # type: ignore[no-any-return]
 
-    async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
+    async def _stream(self, kwargs: dict[str, Any]) -> Any:
         try:
-            wrapper = await self.router_holder.router.acompletion(
-                model=self.name, stream=True, **self._kwargs(payload)
-            )
+            return await self.router_holder.router.acompletion(model=self.name, stream=True, **kwargs)
         except Exception as exc:  # litellm's exception tree, mapped to ours
             mapped = self.router_holder.map_error(exc, self.name)
             if mapped is None:
                 raise
             raise mapped from exc
-        return _LiteLLMStream(wrapper, self)
+
+    async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
+        return _LiteLLMStream(await self._stream(self._kwargs(payload)), self)
+
+    async def generate(self, job: GenerationRequest) -> Generation:
+        kwargs = self._kwargs(job.chat_body())
+        kwargs["stream_options"] = {"include_usage": True}
+        return _LiteLLMGeneration(await self._stream(kwargs), self)

@@ -23,7 +23,7 @@ import anyio
 import jinja2
 import orjson
 
-from proxy.backends.base import ModelBackend, SSEStream
+from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream
 from proxy.config import ModelEntry
 from proxy.errors import ConfigError, InvalidRequest, ServiceUnavailable
 from proxy.schemas import ChatCompletionRequest, Message
@@ -205,28 +205,22 @@ class LocalBackend(ModelBackend):
         }
         return orjson.dumps(body)
 
-    async def generate_text(
-        self, messages: list[dict[str, Any]], request: ChatCompletionRequest, gbnf: str | None
-    ) -> tuple[str, dict[str, int]]:
-        """One completion of ``messages`` (the code-form prompt), constrained by ``gbnf`` if given."""
-        from llama_cpp.llama_grammar import LlamaGrammar
-
+    async def generate(self, job: GenerationRequest) -> Generation:
+        """One streamed completion of the code-form prompt, constrained by its GBNF if given."""
+        request = job.request
         kwargs: dict[str, Any] = {
-            "messages": messages,
+            "messages": job.messages,
             "temperature": 0.2 if request.temperature is None else request.temperature,
             "top_p": 1.0 if request.top_p is None else request.top_p,
             "max_tokens": request.token_limit or 1024,
             "seed": request.seed,
         }
-        if gbnf is not None:
-            kwargs["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
+        if job.grammar is not None and job.grammar.mode == "gbnf":
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            kwargs["grammar"] = LlamaGrammar.from_string(job.grammar.text, verbose=False)
         llama = await self._acquire()
-        try:
-            result = await anyio.to_thread.run_sync(lambda: _generate(llama, kwargs))
-        finally:
-            self._release(llama)
-        text = result["choices"][0]["message"].get("content") or ""
-        return text, dict(result["usage"])
+        return _LocalGeneration(_Sampler(self, llama, kwargs))
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         if (request.n or 1) > 1:
@@ -237,7 +231,7 @@ class LocalBackend(ModelBackend):
         kwargs = self._kwargs(payload, request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         llama = await self._acquire()
-        return _LocalStream(self, llama, kwargs, include_usage)
+        return _LocalStream(_Sampler(self, llama, kwargs), self.name, include_usage)
 
 
 def _generate(llama: Llama, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -255,19 +249,21 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-class _LocalStream(SSEStream):
-    """Runs one streamed generation in a thread and hands its chunks to the event loop."""
+class _Sampler:
+    """One streamed generation in a worker thread, its chunks handed to the event loop.
 
-    def __init__(
-        self, backend: LocalBackend, llama: Llama, kwargs: dict[str, Any], include_usage: bool
-    ) -> None:
+    ``close`` never awaits (it runs in cancelled scopes too: a client that went away):
+    it tells the thread to stop sampling, and the context goes back to the pool once
+    the thread has stopped."""
+
+    def __init__(self, backend: LocalBackend, llama: Llama, kwargs: dict[str, Any]) -> None:
         self._backend = backend
         self._llama = llama
         self._kwargs = kwargs
-        self._include_usage = include_usage
         self._cancel = threading.Event()
         self._thread: asyncio.Future[None] | None = None
         self._released = False
+        self.usage: dict[str, int] = {}
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
         try:
@@ -296,41 +292,29 @@ class _LocalStream(SSEStream):
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """llama-cpp-python's chunk dicts as they are sampled; ``usage`` is set at the end."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._thread = loop.run_in_executor(None, self._run, loop, queue)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        base = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": self._backend.name,
-            "system_fingerprint": None,
-        }
-        yield _sse({**base, "choices": [_choice({"role": "assistant", "content": ""}, None)]})
         while True:
             item = await queue.get()
             if item is None:
                 break
             if isinstance(item, ValueError):
                 raise InvalidRequest(str(item), param="messages", code="context_length_exceeded")
+            if isinstance(item, jinja2.TemplateError):
+                raise InvalidRequest(
+                    f"the model's chat template rejected these messages: {item}", param="messages"
+                )
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, tuple):
-                if self._include_usage:
-                    yield _sse({**base, "choices": [], "usage": item[1]})
+                self.usage = item[1]
                 continue
-            for choice in item["choices"]:
-                delta = {k: v for k, v in choice["delta"].items() if k != "role"}
-                if delta or choice.get("finish_reason"):
-                    yield _sse({**base, "choices": [_choice(delta, choice.get("finish_reason"))]})
-        yield b"data: [DONE]\n\n"
+            yield item
 
-    async def aclose(self) -> None:
-        # Never awaits: this runs in cancelled scopes too (a client that went away).
-        # The context goes back to the pool once the generating thread has stopped.
+    def close(self) -> None:
         self._cancel.set()
         if self._thread is None or self._thread.done():
             self._release_once()
@@ -341,6 +325,53 @@ class _LocalStream(SSEStream):
         if not self._released:
             self._released = True
             self._backend._release(self._llama)
+
+
+class _LocalGeneration(Generation):
+    def __init__(self, sampler: _Sampler) -> None:
+        super().__init__()
+        self._sampler = sampler
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for chunk in self._sampler.chunks():
+            for choice in chunk["choices"]:
+                content = choice["delta"].get("content")
+                if content:
+                    yield content
+        self.usage = dict(self._sampler.usage)
+
+    async def aclose(self) -> None:
+        self._sampler.close()
+
+
+class _LocalStream(SSEStream):
+    """A pass-through stream: the sampler's chunks framed as OpenAI SSE."""
+
+    def __init__(self, sampler: _Sampler, model_name: str, include_usage: bool) -> None:
+        self._sampler = sampler
+        self._model_name = model_name
+        self._include_usage = include_usage
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self._model_name,
+            "system_fingerprint": None,
+        }
+        yield _sse({**base, "choices": [_choice({"role": "assistant", "content": ""}, None)]})
+        async for chunk in self._sampler.chunks():
+            for choice in chunk["choices"]:
+                delta = {k: v for k, v in choice["delta"].items() if k != "role"}
+                if delta or choice.get("finish_reason"):
+                    yield _sse({**base, "choices": [_choice(delta, choice.get("finish_reason"))]})
+        if self._include_usage:
+            yield _sse({**base, "choices": [], "usage": self._sampler.usage})
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        self._sampler.close()
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

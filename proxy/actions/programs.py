@@ -1,0 +1,248 @@
+"""Kernel programs: run one, drive it through its tool calls, resume it with the client's results.
+
+A cell runs until it ends or calls a tool. A server-side tool is answered by the proxy
+at once; a client tool suspends the program: the call goes out as a tool call and the
+response ends. The client's ``tool`` message resumes it (``resume``), in this kernel or,
+when the kernel is gone, in a fresh one the log is replayed onto.
+
+A program's first calls may have gone out before it ran (pipelined while the model wrote
+them): they are the turn's first ``call`` events. The kernel's n-th call of a turn is
+matched to the turn's n-th recorded call: a recorded result is fed back at once, a call
+already out is waited for, and only a call nobody has seen yet goes out as a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.actions.events import Event
+from proxy.actions.runtime import Runtime, result_value
+from proxy.actions.step import Step, ToolCallOut
+from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
+from proxy.metrics import Metrics
+from proxy.sessions import CallIds, SessionStore
+from proxy.toolsets import ToolCallFailed
+from proxy.tracing import Span
+from translators import CallError, check_call
+
+__all__ = ["KernelDriver", "Settled", "next_seq"]
+
+Message = dict[str, Any]
+LogEvent = dict[str, Any]
+
+
+def next_seq(events: list[LogEvent]) -> int:
+    """The sequence number of the session's next tool call."""
+    return 1 + max(
+        (int(e.get("seq", 0)) for e in events if e.get("kind") in ("call", "static_call")), default=0
+    )
+
+
+@dataclass
+class Settled:
+    """How a program's run ended in this request."""
+
+    suspended: bool = False  # waiting for a client's result: the response ends with tool calls
+    output: CellOutput | None = None  # it ran to its end
+
+
+class KernelDriver:
+    def __init__(self, runtime: Runtime, store: SessionStore, ids: CallIds, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.ids = ids
+        self.metrics = metrics
+
+    async def _guarded(self, step: Awaitable[Pending | Finished], session_id: str) -> Pending | Finished:
+        try:
+            return await step
+        except KernelDied as exc:
+            await self.runtime.release(session_id)
+            return Finished(CellOutput(error=CellError("KernelDied", str(exc), f"The kernel died: {exc}")))
+
+    async def run(
+        self, step: Step, turn: int, source: str, out: Settled, action: Span
+    ) -> AsyncIterator[Event]:
+        """Run a turn's program in the session's kernel."""
+        live = await self.runtime.kernel(step.session_id, step.toolset)
+        live.turn_calls = 0
+        state = await self._guarded(live.kernel.execute(source), step.session_id)
+        async for event in self.settle(step, turn, state, out, action):
+            yield event
+
+    async def settle(
+        self, step: Step, turn: int, state: Pending | Finished, out: Settled, action: Span
+    ) -> AsyncIterator[Event]:
+        """Drive a cell until a client call is out (``out.suspended``) or it ends (``out.output``)."""
+        sid = step.session_id
+        live = self.runtime.live.get(sid)
+        kernel_id = live.kernel.kernel_id if live is not None else None
+        while isinstance(state, Pending):
+            request = state.request
+            tool = step.toolset.by_name(request.tool)
+            live = self.runtime.live[sid]
+            try:
+                if tool is None:
+                    raise CallError(f"{request.tool} is not a tool of this request")
+                arguments = check_call(tool, [], request.arguments).arguments
+            except CallError as exc:  # the program gets a ToolError, the client is not asked
+                action.child(
+                    "tool", "tool", input={"name": request.tool, "arguments": request.arguments}
+                ).end(error=exc.message, metadata={"kind": "refused"})
+                state = await self._guarded(live.kernel.reply(error=exc.message), sid)
+                continue
+            events = await self.store.events(sid)
+            index, live.turn_calls = live.turn_calls, live.turn_calls + 1
+            known = [e for e in events if e.get("kind") == "call" and int(e.get("turn", 0)) == turn]
+            if (
+                index < len(known)
+                and known[index]["tool"] == request.tool
+                and known[index]["arguments"] == arguments
+            ):
+                recorded = next(
+                    (
+                        e
+                        for e in events
+                        if e.get("kind") == "result" and e["call_id"] == known[index]["call_id"]
+                    ),
+                    None,
+                )
+                if recorded is None:  # sent before the program ran: wait for the client's result
+                    live.waiting_call_id = str(known[index]["call_id"])
+                    action.end(
+                        output=f"waiting for {known[index]['call_id']}", metadata={"kernel_id": kernel_id}
+                    )
+                    out.suspended = True
+                    return
+                state = await self._reply(sid, recorded)
+                continue
+            call_id = self.ids.issue(sid, next_seq(events))
+            call_event: LogEvent = {
+                "kind": "call",
+                "call_id": call_id,
+                "seq": next_seq(events),
+                "turn": turn,
+                "tool": request.tool,
+                "arguments": arguments,
+            }
+            server = step.servers.get(request.tool)
+            if server is not None:  # the proxy answers it; recorded so a replay need not call again
+                recorded = {"kind": "result", "call_id": call_id}
+                self.metrics.tool_calls.labels("server").inc()
+                with action.child(
+                    "tool",
+                    "tool",
+                    input={"name": request.tool, "arguments": arguments},
+                    metadata={"kind": "server", "toolset": server.name, "call_id": call_id},
+                ) as tool_span:
+                    try:
+                        recorded["value"] = await server.call(request.tool, arguments)
+                        tool_span.end(output=recorded["value"])
+                    except ToolCallFailed as exc:
+                        recorded["error"] = str(exc)
+                        tool_span.end(error=str(exc))
+                await self.store.append(sid, {**call_event, "server": server.name}, recorded)
+                state = await self._reply(sid, recorded)
+                continue
+            await self.store.append(sid, call_event)
+            live.waiting_call_id = call_id
+            self.metrics.tool_calls.labels("client").inc()
+            action.child("tool", "tool", input={"name": request.tool, "arguments": arguments}).end(
+                output={"sent_to_client": call_id}, metadata={"kind": "client", "path": "kernel"}
+            )
+            action.end(
+                output=f"waiting for the client's result of {request.tool} ({call_id})",
+                metadata={"kernel_id": kernel_id, "turn": turn},
+            )
+            for event in step.send(ToolCallOut(call_id, request.tool, orjson.dumps(arguments).decode())):
+                yield event
+            out.suspended = True
+            return
+        output = state.output
+        await self.store.append(
+            sid,
+            {
+                "kind": "cell_end",
+                "turn": turn,
+                "output": output.text(),
+                "error": output.error.ename if output.error else None,
+                "duration_ms": round(output.duration_ms, 3),
+                "kernel_id": kernel_id,
+            },
+        )
+        action.end(
+            output=output.text(),
+            metadata={"kernel_id": kernel_id, "turn": turn, "duration_ms": output.duration_ms},
+            error=f"{output.error.ename}: {output.error.evalue}" if output.error else None,
+        )
+        out.output = output
+
+    async def _reply(self, session_id: str, recorded: LogEvent) -> Pending | Finished:
+        kernel = self.runtime.live[session_id].kernel
+        if "error" in recorded:
+            return await self._guarded(kernel.reply(error=str(recorded["error"])), session_id)
+        return await self._guarded(kernel.reply(recorded.get("value")), session_id)
+
+    async def resume(
+        self, step: Step, events: list[LogEvent], answers: list[Message], out: Settled
+    ) -> AsyncIterator[Event]:
+        """Record the client's results for calls a program made; drive the waiting program on.
+
+        Leaves ``out`` untouched when nothing was waiting on these answers."""
+        sid = step.session_id
+        answered = {str(m.get("tool_call_id")): m for m in answers}
+        results = {e["call_id"] for e in events if e.get("kind") == "result"}
+        open_calls = [e for e in events if e.get("kind") == "call" and e["call_id"] not in results]
+        new = [e for e in open_calls if e["call_id"] in answered]
+        if not new:
+            return
+        await self.store.append(
+            sid,
+            *(
+                {
+                    "kind": "result",
+                    "call_id": e["call_id"],
+                    "value": result_value(answered[e["call_id"]].get("content")),
+                }
+                for e in new
+            ),
+        )
+        waiting = open_calls[0]
+        if waiting["call_id"] not in answered:
+            return
+        turn = int(waiting["turn"])
+        value = result_value(answered[waiting["call_id"]].get("content"))
+        live = self.runtime.live.get(sid)
+        state: Pending | Finished | None = None
+        if (
+            live is not None
+            and live.waiting_call_id == waiting["call_id"]
+            and not live.kernel.retired
+            and await live.kernel.connection.is_alive()
+        ):
+            live.waiting_call_id = None
+            live.in_use = True
+            try:
+                state = await live.kernel.reply(value)
+            except KernelDied:  # died while we waited: the log brings it back
+                await self.runtime.release(sid)
+                live = None
+        else:
+            live = None
+        if live is None:
+            # this kernel is gone (crash, restart, another replica): replay the log onto a fresh one
+            with step.span.child("replay", metadata={"turn": turn}) as replay:
+                live, state = await self.runtime.replay(sid, step.toolset, await self.store.events(sid))
+                replay.end(metadata={"kernel_id": live.kernel.kernel_id})
+        if state is None:
+            return
+        source = next(
+            (e.get("source") for e in events if e.get("kind") == "turn" and e.get("turn") == turn), None
+        )
+        with step.span.child("action", input=source, metadata={"turn": turn, "resumed": True}) as action:
+            async for event in self.settle(step, turn, state, out, action):
+                yield event

@@ -1,0 +1,58 @@
+"""What every step of one request shares, and the outgoing tool call.
+
+``Step`` is built once per request by the loop and handed to the model turn and to the
+kernel driver, instead of a dozen parameters each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.actions.events import Event, ToolCallArguments, ToolCallDone, ToolCallStarted, Usage
+from proxy.backends.base import Grammar
+from proxy.config import ModelEntry
+from proxy.routing import UpstreamClock
+from proxy.schemas import ChatCompletionRequest
+from proxy.toolsets import ServerToolset
+from proxy.tracing import Span
+from translators import Toolset
+
+__all__ = ["Step", "ToolCallOut"]
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallOut:
+    id: str
+    name: str
+    arguments: str  # JSON
+
+
+@dataclass
+class Step:
+    session_id: str
+    entry: ModelEntry
+    request: ChatCompletionRequest
+    payload: dict[str, Any]
+    clock: UpstreamClock
+    messages: list[Message]
+    toolset: Toolset
+    choice: str  # normalized tool_choice: none | auto | required | function:NAME
+    parallel: bool
+    servers: dict[str, ServerToolset]
+    span: Span
+    grammar: Grammar | None
+    usage: Usage = field(default_factory=Usage)
+    sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
+    shown_text: str = ""  # text of this response so far
+
+    def send(self, call: ToolCallOut) -> Iterator[Event]:
+        """The events of one outgoing tool call (the next index of this response)."""
+        index = len(self.sent)
+        self.sent.append(call)
+        yield ToolCallStarted(index, call.id, call.name)
+        yield ToolCallArguments(index, call.arguments)
+        yield ToolCallDone(index, call.id, call.name, call.arguments)

@@ -1,0 +1,105 @@
+"""Reading an upstream's chat-completions stream: SSE frames -> text deltas and usage.
+
+Used by the action loop's generations on OpenAI-compatible upstreams. Tolerant of
+what real servers do: ``\\r\\n`` line ends, comments and keep-alives, several
+``data:`` lines per event, a final usage chunk with no choices, a server that
+ignores ``stream: true`` and answers one JSON body. An ``error`` object in the
+stream, or a frame that is not JSON, is an ``UpstreamError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.errors import UpstreamError
+
+__all__ = ["ChatStreamParser", "completion_text"]
+
+
+def completion_text(body: bytes, model_name: str) -> tuple[str, dict[str, int]]:
+    """The message text and usage of a whole ``chat.completion`` body."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(
+            f"The upstream for model {model_name!r} answered 200 with a body that is not JSON"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UpstreamError(f"The upstream for model {model_name!r} answered 200 with a non-object body")
+    if "error" in data:
+        raise UpstreamError(f"The upstream for model {model_name!r} failed: {_error_text(data)}")
+    choices = data.get("choices") or [{}]
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return str(content or ""), _usage(data.get("usage"))
+
+
+def _usage(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _error_text(data: dict[str, Any]) -> str:
+    error = data.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+@dataclass
+class ChatStreamParser:
+    """Feed it bytes as they arrive; it yields the content deltas found so far."""
+
+    model_name: str
+    usage: dict[str, int] = field(default_factory=dict)
+    done: bool = False
+    _buffer: bytes = b""
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        self._buffer += data.replace(b"\r\n", b"\n")
+        while not self.done:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                return
+            frame, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            yield from self._frame(frame)
+
+    def finish(self) -> Iterator[str]:
+        """The stream ended: whatever complete frame is left (a last one without a blank line)."""
+        if self._buffer.strip() and not self.done:
+            frame, self._buffer = self._buffer, b""
+            yield from self._frame(frame)
+
+    def _frame(self, frame: bytes) -> Iterator[str]:
+        lines = [line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:")]
+        if not lines:
+            return  # a comment, an event name, a keep-alive
+        payload = b"\n".join(lines)
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(
+                f"The upstream for model {self.model_name!r} sent a stream event that is not JSON"
+            ) from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamError(f"The upstream for model {self.model_name!r} sent a malformed stream event")
+        if "error" in chunk:
+            raise UpstreamError(
+                f"The upstream for model {self.model_name!r} failed mid-stream: {_error_text(chunk)}"
+            )
+        usage = _usage(chunk.get("usage"))
+        if usage:
+            self.usage = usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str) and content and int(choice.get("index") or 0) == 0:
+                yield content
