@@ -307,3 +307,83 @@ def test_embedded_model_returns_well_formed_tool_calls(client: openai.OpenAI, to
         assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
         assert call.id.startswith("call_")
     assert result.usage is not None and result.usage.completion_tokens > 0
+
+
+def test_embedded_model_streams_its_calls_under_the_grammar(client: openai.OpenAI) -> None:
+    """Through the action loop, streamed: the SDK's stream helper accumulates well-formed calls."""
+    with client.chat.completions.stream(
+        model="local",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=WEATHER_TOOL,
+        tool_choice="required",
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls" and calls
+    assert all(
+        c.function.name == "get_weather" and set(json.loads(c.function.arguments)) == {"city"} for c in calls
+    )
+    assert "tool_calls.function.arguments.done" in kinds
+    assert "```" not in (final.choices[0].message.content or "")
+
+
+def test_embedded_model_streams_an_answer_token_by_token(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="local",
+            messages=[{"role": "user", "content": "Say hello to Paris."}],
+            tools=WEATHER_TOOL,
+            tool_choice="none",
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 3  # many deltas, not one block at the end
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_loop_generation_time_is_the_models_not_the_proxys(
+    client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process generations inside the action loop count as upstream time in the access log."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cablectl.access")
+    client.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=WEATHER_TOOL,
+        tool_choice="required",
+    )
+    line = [json.loads(r.getMessage()) for r in caplog.records if r.name == "cablectl.access"][-1]
+    assert line["upstream_ms"] > 0
+    assert line["upstream_ms"] > line["overhead_ms"]  # the model's time is most of it, and it is counted
+
+
+def test_client_dropping_a_loop_stream_frees_the_model(local_proxy: UvicornThread) -> None:
+    with httpx.stream(
+        "POST",
+        local_proxy.url + "/v1/chat/completions",
+        json={
+            "model": "local",
+            "messages": [{"role": "user", "content": "Tell a very long story about Paris."}],
+            "tools": WEATHER_TOOL,
+            "tool_choice": "none",
+            "max_tokens": 1500,
+            "stream": True,
+        },
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            if '"content"' in line and '"content":""' not in line:
+                break  # the model is writing: go away
+    # the abandoned generation stops at once and its context is free again
+    ok = httpx.post(
+        local_proxy.url + "/v1/chat/completions",
+        json={"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=8,
+    )
+    assert ok.status_code == 200

@@ -48,7 +48,8 @@ class Stream:
     delay: float = 0.0
     status: int = 200
     truncate: bool = False  # drop the connection instead of finishing the body
-    gate: threading.Event | None = None  # after the first chunk, wait for the test to set it
+    gate: threading.Event | None = None  # after chunk ``gate_after``, wait for the test to set it
+    gate_after: int = 0
 
 
 @dataclass
@@ -186,7 +187,7 @@ class ScriptedUpstream:
             if action.delay and i:
                 await asyncio.sleep(action.delay)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if action.gate is not None and i == 0:
+            if action.gate is not None and i == action.gate_after:
                 deadline = time.monotonic() + 30
                 # the gate is a threading.Event set from the test's thread: poll it
                 while not action.gate.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110

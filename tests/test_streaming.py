@@ -1,0 +1,244 @@
+"""Streaming through the action loop: text as the model writes it, static calls pipelined while
+the model is still writing, the same calls streamed or not, clients that drop mid-stream.
+
+Real uvicorn, the official openai SDK (sync and async), real kernels; the scripted upstream
+streams its chunks and stops at a gate the test opens, so "before the upstream finished"
+is checked by order, never by time."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ProxyFactory
+from tests.servers import UvicornThread
+from tests.test_actions import LOOP_PROGRAM, WEATHER, config, program
+from tests.upstream import ScriptedUpstream, Stream, text_stream
+
+THOUGHT = "Let me check both cities."
+STATIC = [
+    THOUGHT + "\n\n",
+    "```python\n",
+    'get_weather(city="Paris")\n',
+    'get_weather(city="Rome", ',  # the test's gate opens after this chunk has been read
+    'unit="f")\n',
+    "```",
+]
+
+
+def gated(pieces: list[str], gate: threading.Event, after: int) -> Stream:
+    """The pieces as a streamed completion; the upstream waits for ``gate`` after ``after`` pieces."""
+    # text_stream's first chunk is the role; piece i is chunk i + 1
+    return Stream(chunks=text_stream("scripted", pieces), gate=gate, gate_after=after)
+
+
+@pytest.fixture(scope="module")
+def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
+    return make_proxy(config(upstream_url))
+
+
+@pytest.fixture
+def client(proxy: UvicornThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture
+def aclient(proxy: UvicornThread) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+
+
+def stream_ask(client: openai.OpenAI, **kwargs: Any) -> Iterator[Any]:
+    return iter(
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Weather in Paris and Rome?"}],
+            tools=WEATHER,
+            stream=True,
+            stream_options={"include_usage": True},
+            **kwargs,
+        )
+    )
+
+
+def test_an_answer_streams_while_the_upstream_is_still_writing(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    gate = threading.Event()
+    words = ["It ", "is ", "sunny ", "in ", "Paris ", "today."]
+    upstream.plan(gated(words, gate, after=3))
+    chunks = stream_ask(client)
+    seen = ""
+    while "sunny" not in seen:  # the first three words arrive before the upstream may go on
+        chunk = next(chunks)
+        seen += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        assert not gate.is_set()
+    gate.set()
+    rest = list(chunks)
+    text = seen + "".join((c.choices[0].delta.content or "") for c in rest if c.choices)
+    assert text == "It is sunny in Paris today."
+    deltas = [c for c in rest if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2  # token by token, not one block
+    assert rest[-2].choices[0].finish_reason == "stop"
+    assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == len(words)
+
+
+def test_the_thought_and_the_first_call_stream_before_the_model_finishes(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    gate = threading.Event()
+    upstream.plan(gated(STATIC, gate, after=4))
+    chunks = stream_ask(client)
+    content = ""
+    first_call = None
+    while first_call is None:
+        chunk = next(chunks)
+        delta = chunk.choices[0].delta if chunk.choices else None
+        content += (delta.content or "") if delta else ""
+        if delta and delta.tool_calls:
+            first_call = delta.tool_calls[0]
+        assert not gate.is_set()
+    # the thought came first, whole; the Paris call is out while Rome is still being written
+    assert content == THOUGHT
+    assert first_call.index == 0 and first_call.function.name == "get_weather"
+    gate.set()
+    rest = list(chunks)
+    assert all(not (c.choices and c.choices[0].delta.content) for c in rest)  # no code as content
+    args: dict[int, str] = {0: first_call.function.arguments or ""}
+    for chunk in rest:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            args[call.index] = args.get(call.index, "") + (call.function.arguments or "")
+    assert [json.loads(a) for a in args.values()] == [{"city": "Paris"}, {"city": "Rome", "unit": "f"}]
+    assert rest[-2].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_sdk_stream_helper_accumulates_the_same_calls_as_a_plain_response(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    reply = "".join(STATIC)
+    upstream.plan(program(reply))
+    plain = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], tools=WEATHER
+    )
+    upstream.plan(Stream(chunks=text_stream("scripted", STATIC)))
+    with client.chat.completions.stream(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], tools=WEATHER
+    ) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_completion()
+
+    def calls(completion: Any) -> list[tuple[str, Any]]:
+        return [
+            (c.function.name, json.loads(c.function.arguments))
+            for c in completion.choices[0].message.tool_calls or []
+        ]
+
+    assert (
+        calls(streamed)
+        == calls(plain)
+        == [
+            ("get_weather", {"city": "Paris"}),
+            ("get_weather", {"city": "Rome", "unit": "f"}),
+        ]
+    )
+    assert streamed.choices[0].message.content == plain.choices[0].message.content == THOUGHT
+    assert "tool_calls.function.arguments.done" in kinds and "content.done" in kinds
+
+
+@pytest.mark.anyio
+async def test_async_client_streams_a_kernel_program_round_trip(
+    aclient: openai.AsyncOpenAI, upstream: ScriptedUpstream
+) -> None:
+    """A loop program: its thought streams, its client calls go out one at a time, the
+    results resume it, and the final answer streams."""
+    upstream.plan(Stream(chunks=text_stream("scripted", [LOOP_PROGRAM[:12], LOOP_PROGRAM[12:]])))
+    messages: list[Any] = [{"role": "user", "content": "Which is hotter?"}]
+    temps = {"Paris": 18, "Rome": 24}
+    for _ in range(3):
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=WEATHER, stream=True
+        )
+        content, calls = "", {}
+        async for chunk in stream:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            content += (delta.content or "") if delta else ""
+            for call in (delta.tool_calls or []) if delta else []:
+                entry = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+        if not calls:
+            break
+        assert "```" not in content and "for c in" not in content
+        messages.append(
+            {
+                "role": "assistant",
+                "content": content or None,
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in calls.values()
+                ],
+            }
+        )
+        for c in calls.values():
+            city = json.loads(c["arguments"])["city"]
+            messages.append(
+                {"role": "tool", "tool_call_id": c["id"], "content": json.dumps({"t": temps[city]})}
+            )
+        if city == "Rome":
+            upstream.plan(Stream(chunks=text_stream("scripted", ["Rome ", "is ", "hotter."])))
+    assert content == "Rome is hotter."
+    assert [
+        json.loads(m["tool_calls"][0]["function"]["arguments"])["city"]
+        for m in messages
+        if m.get("tool_calls")
+    ] == [
+        "Paris",
+        "Rome",
+    ]
+
+
+def test_a_client_dropping_mid_stream_releases_the_session(
+    proxy: UvicornThread, client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    """The session's lock is free again at once: the same request, sent again while the dropped
+    one's upstream is still stuck, is answered instead of waiting for it (409 after 5 s)."""
+    upstream.plan(program(LOOP_PROGRAM))
+    first = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Which is hotter?"}], tools=WEATHER
+    )
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages: list[Any] = [
+        {"role": "user", "content": "Which is hotter?"},
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"t": 18}'},
+    ]
+    # the program asks for Rome next: answered from the kernel, no model call. Answer Rome too,
+    # so the next model turn streams; that stream stalls after its first words.
+    second = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    rome = (second.choices[0].message.tool_calls or [])[0]
+    messages += [
+        second.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": rome.id, "content": '{"t": 24}'},
+    ]
+    gate = threading.Event()
+    upstream.plan(gated(["Rome ", "is ", "hotter."], gate, after=1))
+    body = {"model": "gpt-4o-mini", "messages": messages, "tools": WEATHER, "stream": True}
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if '"content":"Rome' in line:
+                break  # the client goes away mid-stream
+    received = len(upstream.received)
+    upstream.plan(program("Rome is hotter."))
+    again = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER, timeout=4)
+    gate.set()
+    assert again.choices[0].message.content == "Rome is hotter."
+    assert len(upstream.received) == received + 1
