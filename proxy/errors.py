@@ -18,7 +18,9 @@ body ``{"error": {"message", "type", "param", "code"}}``.
     └── UpstreamError                  502 upstream_error
         ├── UpstreamTimeout            504 upstream_error / upstream_timeout
         ├── UpstreamRateLimited        429 rate_limit_error / rate_limit_exceeded
-        └── UpstreamUnavailable        502 upstream_error / upstream_unavailable
+        ├── UpstreamUnavailable        502 upstream_error / upstream_unavailable
+        └── ModelOutputInvalid         502 upstream_error / invalid_model_output (a call was
+                                           required; the model's reply had none it could use)
 
 Constructors only store their arguments: no I/O, no logging.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "InvalidRequest",
     "ModelNotFound",
+    "ModelOutputInvalid",
     "PermissionDenied",
     "RequestTooLarge",
     "ServiceUnavailable",
@@ -180,3 +183,8 @@ class UpstreamRateLimited(UpstreamError):
 
 class UpstreamUnavailable(UpstreamError):
     code = "upstream_unavailable"
+
+
+class ModelOutputInvalid(UpstreamError):
+    code = "invalid_model_output"
+    retryable = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 __all__ = ["BlockClosed", "OutputReader", "Prose", "Statements"]
@@ -103,14 +104,23 @@ class OutputReader:
         if self._state == "prose" and self._line and not self._may_be_fence(self._line):
             self._prose(self._line)
             self._line, self._line_shown = "", True
+        elif self._state == "code" and self._line.lstrip(" \t").startswith("```"):
+            self._close_block()  # no Python line starts with backticks: this is the closing fence
         return self._take()
 
     def close(self) -> list[ReaderEvent]:
         """The output ended."""
-        if self._state == "prose" and self._line and not _FENCE.match(self._line):
+        fence = _FENCE.match(self._line)
+        opens_code = fence is not None and not self._in_other_fence and fence.group(1).lower() in _CODE_LANGS
+        if self._state == "prose" and self._line and not opens_code:
             self._prose(self._line)
         self._line = ""
         return self._take()
+
+    def _close_block(self) -> None:
+        self._statements()
+        self._state = "after"
+        self._events.append(BlockClosed())
 
     @property
     def prose_started(self) -> bool:
@@ -126,9 +136,7 @@ class OutputReader:
         fence = None if shown else _FENCE.match(line)
         if self._state == "code":
             if fence is not None:
-                self._statements()
-                self._state = "after"
-                self._events.append(BlockClosed())
+                self._close_block()
             else:
                 self._code_line(line)
             return
@@ -158,8 +166,9 @@ class OutputReader:
     def _code_line(self, line: str) -> None:
         if self._indent is None and line.strip():
             self._indent = line[: len(line) - len(line.lstrip())]
-        if self._indent and line.startswith(self._indent):
-            line = line[len(self._indent) :]
+        if self._indent:  # an indented block is dedented as a whole at its end (as parse_output does)
+            self._code.append(line)
+            return
         starts_statement = bool(line.strip()) and not line[0].isspace() and not line.startswith("#")
         if starts_statement and not _CONTINUES.match(line):
             self._statements()  # a compound statement before this line is complete now
@@ -171,13 +180,17 @@ class OutputReader:
             self._events.append(Statements("\n".join(self._code).strip("\n")))
 
     def _statements(self) -> None:
+        """The statements written since the last ones, if they are complete."""
         pending = "\n".join(self._code[self._done :])
+        whole = "\n".join(self._code)
+        if self._indent:
+            pending, whole = textwrap.dedent(pending), textwrap.dedent(whole)
         if not pending.strip():
             return
         module = _parses(pending)
         if module is not None and module.body:
             self._done = len(self._code)
-            self._events.append(Statements("\n".join(self._code).strip("\n")))
+            self._events.append(Statements(whole.strip("\n")))
 
     def _take(self) -> list[ReaderEvent]:
         events, self._events = self._events, []

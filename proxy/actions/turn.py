@@ -31,7 +31,7 @@ import anyio
 from proxy.actions.events import Event, TextDelta
 from proxy.actions.step import Step, ToolCallOut
 from proxy.backends.base import Generation, GenerationRequest
-from proxy.errors import UpstreamError
+from proxy.errors import ModelOutputInvalid
 from proxy.metrics import Metrics
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.sessions import CallIds
@@ -48,17 +48,11 @@ from translators import (
 from translators.actions import Call
 from translators.reader import BlockClosed, OutputReader, Prose, Statements
 
-__all__ = ["ModelTurn", "Reply"]
+__all__ = ["ModelTurn", "Reply", "check_named_choice"]
 
 log = logging.getLogger("cablectl.actions")
 
 Message = dict[str, Any]
-
-
-class InvalidModelOutput(UpstreamError):
-    """The model's reply could not be used, and the request needed a call (502)."""
-
-    code = "invalid_model_output"
 
 
 @dataclass
@@ -262,7 +256,7 @@ class ModelTurn:
         except (OutputError, CallError):
             pass
         if step.choice != "auto":
-            raise InvalidModelOutput(
+            raise ModelOutputInvalid(
                 f"model {step.entry.model_name!r} did not write a usable call after "
                 f"{reply.attempts} attempt(s): {problem}"
             )
@@ -273,6 +267,6 @@ class ModelTurn:
         if shown:
             reader = OutputReader()
             prose = "".join(e.text for e in [*reader.feed(text), *reader.close()] if isinstance(e, Prose))
-            text = text[len(prose) :].strip() if text.startswith(prose) else text
+            text = text[len(prose) :] if text.startswith(prose) else text
         if text:
             yield self._show(step, text, shown)
