@@ -242,3 +242,27 @@ def test_a_client_dropping_mid_stream_releases_the_session(
     gate.set()
     assert again.choices[0].message.content == "Rome is hotter."
     assert len(upstream.received) == received + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_litellm_routes_stream_through_the_loop_too(
+    client: openai.OpenAI, upstream: ScriptedUpstream, stream: bool
+) -> None:
+    """The litellm backend's generation: its streaming call, read as text deltas."""
+    upstream.plan(Stream(chunks=text_stream("scripted", STATIC)))
+    kwargs: dict[str, Any] = {"stream": True} if stream else {}
+    result = client.chat.completions.create(
+        model="via-litellm", messages=[{"role": "user", "content": "x"}], tools=WEATHER, **kwargs
+    )
+    if stream:
+        chunks = list(result)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        names = [
+            t.function.name for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or [] if t.id
+        ]
+    else:
+        content = result.choices[0].message.content
+        names = [t.function.name for t in result.choices[0].message.tool_calls or []]
+    assert content == THOUGHT and names == ["get_weather", "get_weather"]
+    sent = upstream.received[-1].json
+    assert sent["stream"] is True and "tools" not in sent
