@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
-from proxy.actions.events import Event, Started
+from proxy.actions.events import Event, Finished, Started, TextDelta, ToolCallStarted
 from proxy.actions.loop import ActionLoop
 from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
@@ -485,7 +485,7 @@ async def _head(events: AsyncIterator[Event]) -> list[Event]:
     try:
         async for event in events:
             head.append(event)
-            if not isinstance(event, Started):
+            if isinstance(event, TextDelta | ToolCallStarted | Finished):
                 break
     except BaseException:
         await _close(events)

@@ -86,6 +86,7 @@ def test_top_level_surfaces() -> None:
         "ConfigError",
         "InvalidRequest",
         "ModelNotFound",
+        "ModelOutputInvalid",
         "PermissionDenied",
         "RequestTooLarge",
         "ServiceUnavailable",
