@@ -1,7 +1,8 @@
 """What streaming through the action loop adds, against pass-through, side by side in one run.
 
-A paced upstream (in this process, its own thread and event loop) streams one chunk every
-``--pace`` ms. ``cablectl serve`` runs as its own process. The same replies go two ways:
+A paced upstream streams one chunk every ``--pace`` ms; it, ``cablectl serve`` and the client
+(this process) each run as their own process, and the upstream writes when it sent each
+chunk (``time.monotonic``, one clock for every process on Linux) to a file the client reads. The same replies go two ways:
 with ``tools`` (the action loop reads the model's output as it streams) and without (pass-through:
 the upstream's bytes forwarded). Two replies:
 
@@ -23,7 +24,6 @@ import asyncio
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.overhead import process  # noqa: E402
 from bench.stats import pct  # noqa: E402
-from tests.servers import UvicornThread  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 WORDS = [f"word{i} " for i in range(24)]
 ACTION = [
@@ -71,10 +71,9 @@ class PacedUpstream:
     """Streams ``answer`` or ``action`` (named in the last user message with a request id),
     one chunk per ``pace`` seconds, and records when it sent each chunk (time.monotonic)."""
 
-    def __init__(self, pace: float) -> None:
+    def __init__(self, pace: float, stamps: Path) -> None:
         self.pace = pace
-        self.sent: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
+        self._stamps = stamps.open("a", buffering=1)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = b""
@@ -83,6 +82,10 @@ class PacedUpstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if scope["method"] != "POST":  # a readiness probe
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
         request = orjson.loads(body)
         last = next(m for m in reversed(request["messages"]) if m["role"] == "user")["content"]
         kind, request_id = str(last).split()[-2:]
@@ -126,8 +129,13 @@ class PacedUpstream:
         }
         tail = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in (end, usage)) + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-        with self._lock:
-            self.sent[request_id] = stamps
+        self._stamps.write(json.dumps([request_id, stamps]) + "\n")
+
+
+def read_stamps(path: Path) -> dict[str, list[float]]:
+    return {
+        rid: stamps for rid, stamps in (json.loads(line) for line in path.read_text().splitlines() if line)
+    }
 
 
 async def _one(
@@ -170,23 +178,39 @@ async def _one(
 
 
 async def _batch(
-    url: str, kind: str, loop: bool, n: int, concurrency: int, upstream: PacedUpstream, tag: str
+    url: str, kind: str, loop: bool, n: int, concurrency: int, stamps_file: Path, tag: str
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"first": [], "call0": [], "call1": []}
     ids = [f"{tag}-{i}" for i in range(n)]
+    marks_of: dict[str, dict[str, float]] = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
         async def worker() -> None:
             while ids:
                 request_id = ids.pop()
-                marks = await _one(session, url, kind, request_id, loop)
-                out["first"].append(marks["first"] * 1000)
-                stamps = upstream.sent[request_id]
-                for i, chunk_index in enumerate(STATEMENT_CHUNKS if kind == "action" else ()):
-                    out[f"call{i}"].append((marks[f"call{i}"] - stamps[chunk_index]) * 1000)
+                marks_of[request_id] = await _one(session, url, kind, request_id, loop)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.sleep(0.05)  # the upstream's last stamps are written after its last chunk
+    sent = read_stamps(stamps_file)
+    for request_id, marks in marks_of.items():
+        out["first"].append(marks["first"] * 1000)
+        for i, chunk_index in enumerate(STATEMENT_CHUNKS if kind == "action" else ()):
+            out[f"call{i}"].append((marks[f"call{i}"] - sent[request_id][chunk_index]) * 1000)
     return out
+
+
+def serve_upstream(port: int, pace: float, stamps: Path) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        PacedUpstream(pace, stamps),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
 
 
 def main() -> int:
@@ -196,63 +220,62 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per path, per round, per case")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pace", type=float, default=5.0, help="ms between upstream chunks")
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)  # PORT: be the upstream
+    parser.add_argument("--stamps", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    upstream = PacedUpstream(args.pace / 1000)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream, args.pace / 1000, args.stamps)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="cablectl-stream-bench-"))
-    with UvicornThread(upstream, lifespan="off") as up:
-        from tests.servers import free_port
-
-        port = free_port()
-        config = {
-            "model_list": [
-                {
-                    "model_name": "bench",
-                    "litellm_params": {"model": "openai/bench", "api_base": up.url + "/v1"},
-                }
-            ],
-            "kernels": {"min_idle": 1, "max_total": 4},
-            "server": {"log_level": "warning"},
-        }
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-        cablectl = str(Path(sys.executable).with_name("cablectl"))
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        results: dict[tuple[str, int, bool], dict[str, list[float]]] = {}
-        with process(
-            [cablectl, "serve", "--config", str(tmp / "config.yaml"), "--port", str(port)],
-            url.replace("/v1/chat/completions", "/ready"),
-        ):
-            cases = [(kind, c) for kind in ("answer", "action") for c in (1, 32)]
-            for kind, concurrency in cases:  # warm up
+    stamps = tmp / "stamps.jsonl"
+    up_port, port = free_port(), free_port()
+    up_url = f"http://127.0.0.1:{up_port}"
+    config = {
+        "model_list": [
+            {"model_name": "bench", "litellm_params": {"model": "openai/bench", "api_base": up_url + "/v1"}}
+        ],
+        "kernels": {"min_idle": 1, "max_total": 4},
+        "server": {"log_level": "warning"},
+    }
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    cablectl = str(Path(sys.executable).with_name("cablectl"))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    results: dict[tuple[str, int, bool], dict[str, list[float]]] = {}
+    upstream_cmd = [
+        sys.executable,
+        __file__,
+        "--serve-upstream",
+        str(up_port),
+        "--pace",
+        str(args.pace),
+        "--stamps",
+        str(stamps),
+    ]
+    serve_cmd = [cablectl, "serve", "--config", str(tmp / "config.yaml"), "--port", str(port)]
+    cases = [(kind, c) for kind in ("answer", "action") for c in (1, 32)]
+    with process(upstream_cmd, up_url + "/"), process(serve_cmd, f"http://127.0.0.1:{port}/ready"):
+        for kind, concurrency in cases:  # warm up
+            for loop in (False, True):
+                asyncio.run(
+                    _batch(url, kind, loop, 8, concurrency, stamps, f"warm-{kind}-{concurrency}-{loop}")
+                )
+        for r in range(args.rounds):
+            for kind, concurrency in cases:
                 for loop in (False, True):
-                    asyncio.run(
-                        _batch(url, kind, loop, 8, concurrency, upstream, f"warm-{kind}-{concurrency}-{loop}")
+                    tag = f"{r}-{kind}-{concurrency}-{loop}"
+                    got = asyncio.run(_batch(url, kind, loop, args.requests, concurrency, stamps, tag))
+                    cell = results.setdefault(
+                        (kind, concurrency, loop), {"first": [], "call0": [], "call1": []}
                     )
-            for r in range(args.rounds):
-                for kind, concurrency in cases:
-                    for loop in (False, True):
-                        got = asyncio.run(
-                            _batch(
-                                url,
-                                kind,
-                                loop,
-                                args.requests,
-                                concurrency,
-                                upstream,
-                                f"{r}-{kind}-{concurrency}-{loop}",
-                            )
-                        )
-                        cell = results.setdefault(
-                            (kind, concurrency, loop), {"first": [], "call0": [], "call1": []}
-                        )
-                        for key, values in got.items():
-                            cell[key].extend(values)
+                    for key, values in got.items():
+                        cell[key].extend(values)
     print(
         f"pace {args.pace} ms/chunk; {args.requests * args.rounds} requests per cell; ms; added = loop - pass-through"
     )
     print(
         f"{'case':<16}{'metric':<22}{'pass p50':>10}{'p99':>8}{'loop p50':>10}{'p99':>8}{'added p50':>11}{'p99':>8}"
     )
-    for kind, concurrency in [(k, c) for k in ("answer", "action") for c in (1, 32)]:
+    for kind, concurrency in cases:
         metrics = [("first", "first content byte")] + (
             [("call0", "call 1: byte -> delta"), ("call1", "call 2: byte -> delta")]
             if kind == "action"

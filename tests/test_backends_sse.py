@@ -13,8 +13,8 @@ def read(raw: bytes, step: int) -> tuple[str, dict[str, int]]:
     parser = ChatStreamParser("m")
     text = ""
     for i in range(0, len(raw), step):
-        text += "".join(parser.feed(raw[i : i + step]))
-    text += "".join(parser.finish())
+        text += parser.feed(raw[i : i + step])
+    text += parser.finish()
     return text, parser.usage
 
 

@@ -82,8 +82,8 @@ def test_an_answer_streams_while_the_upstream_is_still_writing(
     rest = list(chunks)
     text = seen + "".join((c.choices[0].delta.content or "") for c in rest if c.choices)
     assert text == "It is sunny in Paris today."
-    deltas = [c for c in rest if c.choices and c.choices[0].delta.content]
-    assert len(deltas) >= 2  # token by token, not one block
+    # as it arrives, not as one block: some before the upstream went on, the rest after
+    assert any(c.choices and c.choices[0].delta.content for c in rest)
     assert rest[-2].choices[0].finish_reason == "stop"
     assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == len(words)
 

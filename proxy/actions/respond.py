@@ -89,7 +89,13 @@ async def chat_chunks(events: AsyncIterator[Event], model: str, include_usage: b
         "system_fingerprint": None,
     }
 
+    # every chunk is this prefix, the delta, and this suffix: only the delta is serialized
+    prefix = b"data: " + orjson.dumps({**base, "choices": [{"index": 0}]})[:-3] + b',"delta":'
+    suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
+
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        if finish is None:
+            return prefix + orjson.dumps(delta) + suffix
         body = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return b"data: " + orjson.dumps(body) + b"\n\n"
 

@@ -107,12 +107,14 @@ class _DirectGeneration(Generation):
             else:
                 parser = ChatStreamParser(self._model_name)
                 async for data in self._response.content.iter_any():
-                    for delta in parser.feed(data):
-                        yield delta
+                    text = parser.feed(data)  # what arrived together goes on together
+                    if text:
+                        yield text
                     if parser.done:
                         break
-                for delta in parser.finish():
-                    yield delta
+                text = parser.finish()
+                if text:
+                    yield text
                 self.usage = parser.usage
         except TimeoutError as exc:
             raise UpstreamTimeout(f"The upstream for model {self._model_name!r} stalled mid-stream") from exc

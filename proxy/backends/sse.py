@@ -9,7 +9,6 @@ stream, or a frame that is not JSON, is an ``UpstreamError``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,34 +52,46 @@ def _error_text(data: dict[str, Any]) -> str:
 
 @dataclass
 class ChatStreamParser:
-    """Feed it bytes as they arrive; it yields the content deltas found so far."""
+    """Feed it bytes as they arrive; it returns the content found in the frames completed."""
 
     model_name: str
     usage: dict[str, int] = field(default_factory=dict)
     done: bool = False
     _buffer: bytes = b""
 
-    def feed(self, data: bytes) -> Iterator[str]:
-        self._buffer += data.replace(b"\r\n", b"\n")
+    def feed(self, data: bytes) -> str:
+        """The content that the complete frames in ``data`` (and what came before) carry."""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        buffer = self._buffer + data
+        out: list[str] = []
+        start = 0
         while not self.done:
-            end = self._buffer.find(b"\n\n")
+            end = buffer.find(b"\n\n", start)
             if end < 0:
-                return
-            frame, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            yield from self._frame(frame)
+                break
+            self._frame(buffer[start:end], out)
+            start = end + 2
+        self._buffer = buffer[start:]
+        return "".join(out)
 
-    def finish(self) -> Iterator[str]:
+    def finish(self) -> str:
         """The stream ended: whatever complete frame is left (a last one without a blank line)."""
+        out: list[str] = []
         if self._buffer.strip() and not self.done:
             frame, self._buffer = self._buffer, b""
-            yield from self._frame(frame)
+            self._frame(frame, out)
+        return "".join(out)
 
-    def _frame(self, frame: bytes) -> Iterator[str]:
-        lines = [line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:")]
-        if not lines:
-            return  # a comment, an event name, a keep-alive
-        payload = b"\n".join(lines)
-        if payload.strip() == b"[DONE]":
+    def _frame(self, frame: bytes, out: list[str]) -> None:
+        if frame.startswith(b"data: ") and b"\n" not in frame:
+            payload = frame[6:]  # the usual frame: one data line
+        else:
+            lines = [line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                return  # a comment, an event name, a keep-alive
+            payload = b"\n".join(lines)
+        if payload.startswith(b"[DONE]") and payload.strip() == b"[DONE]":
             self.done = True
             return
         try:
@@ -95,11 +106,10 @@ class ChatStreamParser:
             raise UpstreamError(
                 f"The upstream for model {self.model_name!r} failed mid-stream: {_error_text(chunk)}"
             )
-        usage = _usage(chunk.get("usage"))
-        if usage:
-            self.usage = usage
-        for choice in chunk.get("choices") or []:
+        if chunk.get("usage"):
+            self.usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str) and content and int(choice.get("index") or 0) == 0:
-                yield content
+            if isinstance(content, str) and content and not choice.get("index"):
+                out.append(content)
