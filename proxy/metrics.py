@@ -17,6 +17,7 @@ cablectl_kernels_replaced_dead_total       counter
 cablectl_sessions_active                   gauge      (sessions holding a kernel on this replica)
 cablectl_generations_total                 counter    model, grammar (inner model calls)
 cablectl_grammar_repairs_total             counter    model, outcome: repaired, failed
+cablectl_grammar_ignored_total             counter    model (replies not in the grammar sent)
 cablectl_tool_calls_total                  counter    kind: client, server
 cablectl_actions_total                     counter    path: static, kernel
 =========================================  =========  ==========================================
@@ -115,6 +116,12 @@ class Metrics:
             "cablectl_grammar_repairs",
             "Replies sent back to the model to fix, by outcome",
             ["model", "outcome"],
+            registry=r,
+        )
+        self.grammar_ignored = Counter(
+            "cablectl_grammar_ignored",
+            "Replies of a server that was sent a grammar but did not keep to it (it failed open)",
+            ["model"],
             registry=r,
         )
         self.tool_calls = Counter(

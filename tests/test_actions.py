@@ -382,6 +382,18 @@ def test_lark_mode_sends_the_grammar(
     assert (result.choices[0].message.tool_calls or [])[0].function.name == "get_weather"
     grammar = upstream.received[-1].json["structured_outputs"]["grammar"]
     assert grammar.startswith("start: action") and '"get_weather("' in grammar
+    assert (
+        'cablectl_grammar_ignored_total{model="gpt-4o-mini"}' not in httpx.get(server.url + "/metrics").text
+    )
+    # a server that ignores the grammar (fails open): detected, counted, and repaired
+    upstream.plan(
+        program('```python\nget_weather(town="Oslo")\n```'),
+        program('```python\nget_weather(city="Oslo")\n```'),
+    )
+    result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
+    assert json.loads((result.choices[0].message.tool_calls or [])[0].function.arguments) == {"city": "Oslo"}
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'cablectl_grammar_ignored_total{model="gpt-4o-mini"} 1.0' in metrics
 
 
 def test_named_tool_choice_is_enforced_without_a_grammar(

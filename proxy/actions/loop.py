@@ -207,6 +207,8 @@ class ActionLoop:
                 span=span,
                 grammar=self._grammar(entry, toolset, choice, parallel),
             )
+            if step.grammar is not None:  # built (and cached) by _grammar just now
+                step.grammar_lark = self._grammars[(toolset.digest, choice, parallel)][0]
             yield Started(session_id, span.trace_id)
             finish: Finished | None = None
             try:

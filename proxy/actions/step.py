@@ -45,6 +45,7 @@ class Step:
     servers: dict[str, ServerToolset]
     span: Span
     grammar: Grammar | None
+    grammar_lark: str | None = None  # the same grammar as Lark: what a reply is checked against
     usage: Usage = field(default_factory=Usage)
     sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
     shown_text: str = ""  # text of this response so far

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from lark import Lark
+from lark.exceptions import LarkError
 
 from proxy.actions.events import Event, TextDelta
 from proxy.actions.step import Step, ToolCallOut
@@ -46,6 +48,7 @@ from translators import (
     parse_output,
 )
 from translators.actions import Call
+from translators.gbnf import parser_for
 from translators.reader import BlockClosed, OutputReader, Prose, Statements
 
 __all__ = ["ModelTurn", "Reply", "check_named_choice"]
@@ -140,6 +143,37 @@ class ModelTurn:
         self.router = router
         self.ids = ids
         self.metrics = metrics
+        self._parsers: dict[str, Lark] = {}
+        self._warned: set[str] = set()  # routes whose server was seen ignoring the grammar
+
+    def _check_grammar(self, step: Step, generation: Generation, text: str) -> None:
+        """A server sent a grammar must keep to it; one that does not failed open (llama.cpp
+        drops a grammar it cannot parse and answers 200). Logged once per route, counted; the
+        reply is then judged like any unconstrained one."""
+        if step.grammar_lark is None or generation.grammar_enforced:
+            return
+        parser = self._parsers.get(step.grammar_lark)
+        if parser is None:
+            parser = self._parsers[step.grammar_lark] = parser_for(step.grammar_lark)
+            if len(self._parsers) > 64:
+                self._parsers.pop(next(iter(self._parsers)))
+        try:
+            parser.parse(text)
+            return
+        except LarkError:
+            pass
+        model = step.entry.model_name
+        self.metrics.grammar_ignored.labels(model).inc()
+        if model not in self._warned:
+            self._warned.add(model)
+            log.warning(
+                "model %s: the upstream (server: %s) was sent a %s grammar and answered outside it; "
+                "it ignores grammars (or could not parse ours). Replies are checked and repaired; set "
+                "grammar: none on this route if the server takes no grammar",
+                model,
+                generation.server or "unknown",
+                step.grammar.mode if step.grammar else "?",
+            )
 
     async def run(self, step: Step, reply: Reply, seq: int) -> AsyncIterator[Event]:
         """Generate until a usable reply (or the repairs run out); fills ``reply``."""
@@ -194,6 +228,7 @@ class ModelTurn:
                 reply.usage[key] = reply.usage.get(key, 0) + value
             reply.text = reader.text
             reply.pipelined = list(step.sent)
+            self._check_grammar(step, generation, reply.text)
             if step.choice == "none":
                 return
             try:

@@ -95,6 +95,8 @@ class Generation(abc.ABC):
     sampling thread has stopped; a remote stream is closed) and never awaits long."""
 
     usage: dict[str, int] = field(default_factory=dict)
+    grammar_enforced: bool = False  # the backend applied the grammar itself (no need to check)
+    server: str | None = None  # what the upstream says it is (its Server header), for logs
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[str]: ...

@@ -97,6 +97,7 @@ class _DirectGeneration(Generation):
         self._response = response
         self._model_name = model_name
         self._finished = False
+        self.server = response.headers.get("server")
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:

@@ -220,7 +220,10 @@ class LocalBackend(ModelBackend):
 
             kwargs["grammar"] = LlamaGrammar.from_string(job.grammar.text, verbose=False)
         llama = await self._acquire()
-        return _LocalGeneration(_Sampler(self, llama, kwargs))
+        generation = _LocalGeneration(_Sampler(self, llama, kwargs))
+        generation.grammar_enforced = "grammar" in kwargs
+        generation.server = "llama-cpp-python (in-process)"
+        return generation
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         if (request.n or 1) > 1:
