@@ -266,3 +266,30 @@ def test_litellm_routes_stream_through_the_loop_too(
     assert content == THOUGHT and names == ["get_weather", "get_weather"]
     sent = upstream.received[-1].json
     assert sent["stream"] is True and "tools" not in sent
+
+
+def test_an_upstream_that_breaks_off_mid_stream_ends_the_stream_with_an_error_event(
+    proxy: UvicornThread, client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    """Text already sent stays sent; the failure is the stream's last event, in OpenAI's shape;
+    the session is free for the retry."""
+    upstream.plan(
+        Stream(chunks=text_stream("scripted", ["One ", "two ", "three ", "four ", "five."]), truncate=True)
+    )
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Count."}],
+        "tools": WEATHER,
+        "stream": True,
+    }
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert '"content":"One' in "".join(events)
+    error = json.loads(events[-1][6:])["error"]
+    assert error["type"] == "upstream_error" and "broke off" in error["message"]
+    upstream.plan(program("Done."))
+    again = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Count."}], tools=WEATHER
+    )
+    assert again.choices[0].message.content == "Done."
