@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -417,7 +417,11 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
                 return Response(chat_body(result, chat.model), media_type="application/json", headers=traced)
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse_events(chat_chunks(_chain(head, events), chat.model, include_usage), events, record),
+                _guarded_sse(
+                    chat_chunks(_chain(head, events), chat.model, include_usage),
+                    record,
+                    lambda: _close(events),
+                ),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
             )
@@ -500,10 +504,11 @@ async def _chain(head: list[Event], events: AsyncIterator[Event]) -> AsyncIterat
         yield event
 
 
-async def _sse_events(
-    chunks: AsyncIterator[bytes], events: AsyncIterator[Event], record: RequestRecord
+async def _guarded_sse(
+    chunks: AsyncIterator[bytes], record: RequestRecord, cleanup: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[bytes]:
-    """A surface's SSE as the loop produces it; a failure mid-stream becomes an error event."""
+    """SSE bytes as they are produced; a failure mid-stream becomes an error event, and
+    ``cleanup`` runs whatever happens (shielded: a client that went away cancels this task)."""
     try:
         async for chunk in chunks:
             yield chunk
@@ -516,7 +521,8 @@ async def _sse_events(
         log.exception("stream for %s failed", record.model)
         yield b"data: " + orjson.dumps(_INTERNAL_STREAM_ERROR) + b"\n\n"
     finally:
-        await _close(events)
+        with anyio.CancelScope(shield=True):
+            await cleanup()
 
 
 _INTERNAL_STREAM_ERROR = {
@@ -547,33 +553,28 @@ async def _relay(
     """Forward upstream SSE bytes as they arrive; a failure mid-stream becomes an error event."""
     clock = record.clock
     iterator = stream.__aiter__()
-    try:
+
+    async def timed() -> AsyncIterator[bytes]:
         while True:
             waited = time.perf_counter()
             try:
                 chunk = await iterator.__anext__()
             except StopAsyncIteration:
-                break
+                return
             finally:
                 clock.ms += (time.perf_counter() - waited) * 1000
             yield chunk
-    except CablectlError as exc:
-        record.error = exc.error_code or exc.type
-        log.warning("stream for %s failed: %s", record.model, exc.message)
-        yield b"data: " + orjson.dumps(exc.to_body()) + b"\n\n"
-    except Exception:  # the stream's own boundary: the status line has already gone out
-        record.error = "internal_error"
-        log.exception("stream for %s failed", record.model)
-        yield b"data: " + orjson.dumps(_INTERNAL_STREAM_ERROR) + b"\n\n"
-    finally:
-        # shielded: a client that went away cancels this task, and the upstream
-        # connection or the local model context must still be given back
-        with anyio.CancelScope(shield=True):
-            try:
-                aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            finally:
-                await stream.aclose()
-                for span in spans:
-                    span.end(error=record.error, metadata={"stream": True})
+
+    async def cleanup() -> None:
+        # the upstream connection or the local model context must be given back
+        try:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await stream.aclose()
+            for span in spans:
+                span.end(error=record.error, metadata={"stream": True})
+
+    async for chunk in _guarded_sse(timed(), record, cleanup):
+        yield chunk

@@ -94,42 +94,30 @@ class _DirectGeneration(Generation):
 
     def __init__(self, response: aiohttp.ClientResponse, model_name: str) -> None:
         super().__init__()
-        self._response = response
+        self._stream = _AiohttpStream(response, model_name)
+        self._whole = "json" in response.headers.get("content-type", "")
         self._model_name = model_name
-        self._finished = False
         self.server = response.headers.get("server")
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        try:
-            if "json" in self._response.headers.get("content-type", ""):
-                text, self.usage = completion_text(await self._response.read(), self._model_name)
-                if text:
-                    yield text
-            else:
-                parser = ChatStreamParser(self._model_name)
-                async for data in self._response.content.iter_any():
-                    text = parser.feed(data)  # what arrived together goes on together
-                    if text:
-                        yield text
-                    if parser.done:
-                        break
-                text = parser.finish()
-                if text:
-                    yield text
-                self.usage = parser.usage
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"The upstream for model {self._model_name!r} stalled mid-stream") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"The upstream for model {self._model_name!r} broke off the stream: {exc!r}"
-            ) from exc
-        self._finished = True
+        if self._whole:
+            body = b"".join([chunk async for chunk in self._stream])
+            text, self.usage = completion_text(body, self._model_name)
+            if text:
+                yield text
+            return
+        parser = ChatStreamParser(self._model_name)
+        async for data in self._stream:
+            text = parser.feed(data)  # what arrived together goes on together
+            if text:
+                yield text
+        text = parser.finish()
+        if text:
+            yield text
+        self.usage = parser.usage
 
     async def aclose(self) -> None:
-        if self._finished:
-            self._response.release()  # connection back to the pool
-        else:
-            self._response.close()  # half-read (or cancelled): drop it, the upstream stops
+        await self._stream.aclose()  # read to the end: back to the pool; else dropped (the upstream stops)
 
 
 class DirectBackend(ModelBackend):
