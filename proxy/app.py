@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
 from proxy.actions.events import Event, Finished, Started, TextDelta, ToolCallStarted
-from proxy.actions.loop import ActionLoop
+from proxy.actions.loop import ActionLoop, SessionKey
 from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
@@ -405,7 +405,14 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
             denied = {
                 f for n in entry.toolsets if not principal.may_use_toolset(n) for f in toolsets[n].names()
             }
-            events = loop.stream(entry, chat, payload, record.clock, offered, denied)
+            session = _session_key(request, payload, principal)
+            metadata = payload.get("metadata")
+            if isinstance(metadata, dict) and "session_id" in metadata:  # ours: not the upstream's
+                rest = {k: v for k, v in metadata.items() if k != "session_id"}
+                payload = {k: v for k, v in payload.items() if k != "metadata"} | (
+                    {"metadata": rest} if rest else {}
+                )
+            events = loop.stream(entry, chat, payload, record.clock, offered, denied, session)
             head = await _head(events)  # a failure before the first visible event is an HTTP error
             started = next((e for e in head if isinstance(e, Started)), None)
             traced = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}
@@ -471,6 +478,26 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
 
     app.openapi = openapi_with_defs  # type: ignore[method-assign]
     return app
+
+
+SESSION_HEADER = "x-cablectl-session"
+
+
+def _session_key(request: Request, payload: dict[str, Any], principal: Principal) -> SessionKey | None:
+    """The session the client names (header, or ``metadata.session_id``), within its API key."""
+    metadata = payload.get("metadata")
+    name = request.headers.get(SESSION_HEADER)
+    param = SESSION_HEADER
+    if name is None and isinstance(metadata, dict) and metadata.get("session_id") is not None:
+        name, param = metadata["session_id"], "metadata.session_id"
+    if name is None:
+        return None
+    if not isinstance(name, str) or not 1 <= len(name) <= 256 or not name.isprintable():
+        raise InvalidRequest(
+            f"{param} must be a string of 1 to 256 printable characters naming your conversation",
+            param=param,
+        )
+    return SessionKey(principal.key_id, name)
 
 
 async def _close(events: AsyncIterator[Event]) -> None:

@@ -62,24 +62,43 @@ def trailing_tool_results(messages: list[Message]) -> list[Message]:
     return list(reversed(out))
 
 
+def _program(event: Event) -> Message:
+    thought = str(event.get("thought") or "").strip()
+    block = f"```python\n{event.get('source', '')}\n```"
+    return {"role": "assistant", "content": f"{thought}\n\n{block}" if thought else block}
+
+
 def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
-    """Messages with each kernel turn's calls replaced by its program and output."""
+    """Messages with each kernel turn's calls replaced by its program and output, and the
+    programs earlier requests ran without asking the client (the client never saw them) put
+    back where they ran, so the model knows what its kernel holds."""
     turn_of: dict[str, int] = {}
     turns: dict[int, Event] = {}
     outputs: dict[int, str] = {}
+    asked: set[int] = set()  # kernel turns that asked the client something
     for event in events:
         if event.get("kind") == "turn" and event.get("mode") == "kernel":
             turns[int(event["turn"])] = event
         elif event.get("kind") == "call":
             turn_of[str(event["call_id"])] = int(event["turn"])
+            if not event.get("server"):
+                asked.add(int(event["turn"]))
         elif event.get("kind") == "cell_end":
             outputs[int(event["turn"])] = str(event.get("output", ""))
-    if not turn_of:
+    unseen: dict[int, list[int]] = {}  # position in the client's history -> internal turns
+    for number, event in sorted(turns.items()):
+        at = event.get("after_messages")
+        if number not in asked and isinstance(at, int) and at < len(messages):
+            unseen.setdefault(at, []).append(number)
+    if not turn_of and not unseen:
         return messages
     out: list[Message] = []
     shown: set[int] = set()
     pending_turn: int | None = None  # a finished kernel turn whose observation goes next
-    for message in messages:
+    for index, message in enumerate(messages):
+        for number in unseen.get(index, []):
+            out.append(_program(turns[number]))
+            out.append({"role": "user", "content": f"Observation:\n{outputs.get(number) or '(no output)'}"})
         role = message.get("role")
         calls = message.get("tool_calls") or [] if role == "assistant" else []
         kernel_turns = {turn_of[str(c.get("id"))] for c in calls if str(c.get("id")) in turn_of}
@@ -87,10 +106,7 @@ def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
             turn = min(kernel_turns)
             if turn not in shown:
                 shown.add(turn)
-                event = turns.get(turn, {})
-                thought = str(event.get("thought") or "").strip()
-                block = f"```python\n{event.get('source', '')}\n```"
-                out.append({"role": "assistant", "content": f"{thought}\n\n{block}" if thought else block})
+                out.append(_program(turns.get(turn, {})))
             continue
         if role == "tool" and str(message.get("tool_call_id")) in turn_of:
             turn = turn_of[str(message.get("tool_call_id"))]

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -55,7 +57,7 @@ from translators import (
     normalize_tool_choice,
 )
 
-__all__ = ["ActionLoop"]
+__all__ = ["ActionLoop", "SessionKey"]
 
 log = logging.getLogger("cablectl.actions")
 
@@ -81,6 +83,19 @@ def _client_answers(messages: list[Message], answers: list[Message]) -> list[dic
         }
         for m in answers
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """A session a client names itself (``x-cablectl-session`` or ``metadata.session_id``),
+    within its API key: the same name under another key is another session."""
+
+    owner: str  # the API key's id
+    name: str
+
+    @property
+    def session_id(self) -> str:
+        return hashlib.sha256(f"{self.owner}\0{self.name}".encode()).hexdigest()[:16]
 
 
 class ActionLoop:
@@ -176,12 +191,18 @@ class ActionLoop:
         clock: UpstreamClock,
         server: list[ServerToolset] | None = None,
         denied: set[str] | None = None,
+        session: SessionKey | None = None,
     ) -> AsyncIterator[Event]:
-        """Answer one request as events. Anything wrong with the request raises before the first."""
+        """Answer one request as events. Anything wrong with the request raises before the first.
+
+        The session: the one the conversation's tool-call ids name, else the one the client
+        names (``session``, scoped to its API key), else a new one."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
         toolset, choice, servers = self._toolset(payload, request, server or [], denied or set())
-        session_id = self._session_of(messages) or new_session_id()
+        session_id = (
+            self._session_of(messages) or (session.session_id if session else None) or new_session_id()
+        )
         answers = trailing_tool_results(messages)
         parallel = request.parallel_tool_calls is not False
         with self.tracer.request(
@@ -259,6 +280,7 @@ class ActionLoop:
             record: LogEvent = {
                 "kind": "turn",
                 "turn": turn,
+                "after_messages": len(step.messages),  # where it stands in the client's history
                 "model": step.entry.model_name,
                 "prompt": prompt,
                 "completion": reply.text,

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.actions.events import Event
-from proxy.actions.runtime import Runtime, result_value
+from proxy.actions.runtime import LiveSession, Runtime, result_value
 from proxy.actions.step import Step, ToolCallOut
 from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
 from proxy.metrics import Metrics
@@ -67,12 +67,38 @@ class KernelDriver:
     async def run(
         self, step: Step, turn: int, source: str, out: Settled, action: Span
     ) -> AsyncIterator[Event]:
-        """Run a turn's program in the session's kernel."""
-        live = await self.runtime.kernel(step.session_id, step.toolset)
+        """Run a turn's program in the session's kernel: the one that ran its earlier programs,
+        or a fresh one the log is replayed onto first, so their variables and functions are there."""
+        sid = step.session_id
+        live = self.runtime.live.get(sid)
+        if live is None or live.kernel.retired or not await live.kernel.connection.is_alive():
+            live = await self._restored(step, turn)
+        elif live.waiting_call_id is not None:  # an earlier program still waits for a call nobody answered
+            await self.runtime.abandon(sid)
         live.turn_calls = 0
-        state = await self._guarded(live.kernel.execute(source), step.session_id)
+        state = await self._guarded(live.kernel.execute(source), sid)
         async for event in self.settle(step, turn, state, out, action):
             yield event
+
+    async def _restored(self, step: Step, turn: int) -> LiveSession:
+        """A fresh kernel with the session's earlier programs replayed onto it (their results
+        from the log), so their variables and functions are there again."""
+        sid = step.session_id
+        earlier = [
+            e
+            for e in await self.store.events(sid)
+            if not (e.get("kind") == "turn" and int(e.get("turn", 0)) == turn)
+        ]
+        if any(e.get("kind") == "turn" and e.get("mode") == "kernel" for e in earlier):
+            with step.span.child("replay", metadata={"turn": turn, "reason": "new program"}) as replay:
+                try:
+                    live, _ = await self.runtime.replay(sid, step.toolset, earlier, finish=True)
+                    replay.end(metadata={"kernel_id": live.kernel.kernel_id})
+                    return live
+                except KernelDied as exc:  # the program runs on a fresh kernel without that state
+                    await self.runtime.release(sid)
+                    replay.end(error=f"the kernel died while replaying: {exc}")
+        return await self.runtime.kernel(sid, step.toolset)
 
     async def settle(
         self, step: Step, turn: int, state: Pending | Finished, out: Settled, action: Span

@@ -125,14 +125,27 @@ class Runtime:
         if not isinstance(result, Finished) or result.output.error is not None:
             raise KernelDied("installing the tool stubs failed")
 
+    async def abandon(self, session_id: str) -> None:
+        """End the program that waits for a call nobody will answer (the conversation moved on)."""
+        live = self.live.get(session_id)
+        if live is None or live.waiting_call_id is None:
+            return
+        live.waiting_call_id = None
+        state: Pending | Finished = await live.kernel.reply(error="this call was not answered")
+        for _ in range(100):
+            if not isinstance(state, Pending):
+                return
+            state = await live.kernel.reply(error="this call was not answered")
+
     async def replay(
-        self, session_id: str, toolset: Toolset, events: list[Event]
+        self, session_id: str, toolset: Toolset, events: list[Event], finish: bool = False
     ) -> tuple[LiveSession, Pending | Finished | None]:
         """A fresh kernel brought to where the log ends.
 
         Every kernel turn runs again with its recorded results fed back; returns the
         last turn's state after its recorded results: ``Pending`` for a call the log has
-        not seen yet, ``Finished`` if it ran to the end, None if there was nothing to run."""
+        not seen yet, ``Finished`` if it ran to the end, None if there was nothing to run.
+        ``finish``: the last turn is ended too (a new program is about to run)."""
         await self.release(session_id)
         live = await self.kernel(session_id, toolset)
         results: dict[str, Event] = {e["call_id"]: e for e in events if e.get("kind") == "result"}
@@ -140,7 +153,15 @@ class Runtime:
         for event in events:
             if event.get("kind") == "call":
                 calls_by_turn.setdefault(int(event["turn"]), []).append(event)
-        turns = [e for e in events if e.get("kind") == "turn" and e.get("mode") == "kernel"]
+        died = {
+            int(e["turn"]) for e in events if e.get("kind") == "cell_end" and e.get("error") == "KernelDied"
+        }
+        # a program its kernel died under is not run again (it may be what killed it)
+        turns = [
+            e
+            for e in events
+            if e.get("kind") == "turn" and e.get("mode") == "kernel" and int(e["turn"]) not in died
+        ]
         state: Pending | Finished | None = None
         for index, event in enumerate(turns):
             state = await live.kernel.execute(str(event["source"]))
@@ -157,7 +178,7 @@ class Runtime:
                     state = await live.kernel.reply(error=str(recorded["error"]))
                 else:
                     state = await live.kernel.reply(recorded.get("value"))
-            if index < len(turns) - 1:
+            if index < len(turns) - 1 or finish:
                 # an earlier turn that asks for more than was recorded went another way
                 # this time: end it, so the next program can run
                 for _ in range(100):

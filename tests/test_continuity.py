@@ -1,0 +1,172 @@
+"""Conversations that keep their kernel across user turns when the client names the session
+(``x-cablectl-session`` or ``metadata.session_id``), within its API key.
+
+Real uvicorn, the openai SDK, real kernels, a real redis-server; the scripted upstream plays
+the model. The first program defines a helper; a later user turn's program uses it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.actions.loop import SessionKey
+from proxy.app import create_app
+from proxy.config import load_settings
+from tests.conftest import ProxyFactory, upstream_models, write_config
+from tests.servers import UvicornThread
+from tests.test_actions import WEATHER, program
+from tests.upstream import ScriptedUpstream, wait_for
+
+DEFINE = "```python\nBASE = 10\ndef scale(x):\n    return x * BASE\nprint(scale(2))\n```"
+USE = "```python\nprint(scale(3))\n```"
+KEYS = [{"id": "alice", "key": "sk-alice-123456"}, {"id": "bob", "key": "sk-bob-12345678"}]
+
+
+def dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def config(upstream_url: str, **extra: Any) -> dict[str, Any]:
+    return {"model_list": upstream_models(upstream_url), "kernels": {"min_idle": 1, "max_total": 4}, **extra}
+
+
+@pytest.fixture(scope="module")
+def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
+    return make_proxy(config(upstream_url, keys=KEYS))
+
+
+def sdk(server: UvicornThread, key: str = "sk-alice-123456", session: str | None = None) -> openai.OpenAI:
+    headers = {"x-cablectl-session": session} if session else {}
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, default_headers=headers)
+
+
+def two_turns(client: openai.OpenAI, upstream: ScriptedUpstream, **kwargs: Any) -> tuple[str, list[Any]]:
+    """Turn 1 defines scale() and answers; turn 2 (a new user question) calls scale(3)."""
+    messages: list[Any] = [{"role": "user", "content": "Define a scaler and try it on 2."}]
+    upstream.plan(program(DEFINE), program("scale(2) is 20."))
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER, **kwargs)
+    assert first.choices[0].message.content == "scale(2) is 20."
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n20"
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And 3?"},
+    ]
+    upstream.plan(program(USE), program("Done."))
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER, **kwargs)
+    prompt = upstream.received[-1].json["messages"]
+    return prompt[-1]["content"], upstream.received[-2].json["messages"]
+
+
+def test_a_named_session_keeps_its_kernel_across_user_turns(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    observation, prompt = two_turns(sdk(proxy, session="conv-1"), upstream)
+    assert observation == "Observation:\n30"
+    # the model sees the program it ran in the earlier turn, and what it printed
+    assert any("def scale(x):" in str(m["content"]) for m in prompt if m["role"] == "assistant")
+    assert {"role": "user", "content": "Observation:\n20"} in prompt
+
+
+def test_metadata_session_id_works_too_and_is_not_sent_upstream(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    observation, _ = two_turns(sdk(proxy), upstream, metadata={"session_id": "conv-meta", "team": "a"})
+    assert observation == "Observation:\n30"
+    assert upstream.received[-1].json.get("metadata") == {"team": "a"}
+
+
+def test_without_a_name_each_user_turn_is_a_new_session(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    observation, _ = two_turns(sdk(proxy), upstream)
+    assert "NameError" in observation
+
+
+def test_the_same_name_under_another_key_is_another_session(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    two_turns(sdk(proxy, session="shared-name"), upstream)
+    messages = [{"role": "user", "content": "And 3?"}]
+    upstream.plan(program(USE), program("Done."))
+    sdk(proxy, key="sk-bob-12345678", session="shared-name").chat.completions.create(
+        model="gpt-4o-mini", messages=messages, tools=WEATHER
+    )
+    assert "NameError" in upstream.received[-1].json["messages"][-1]["content"]
+    # and bob's prompt shows nothing of alice's programs
+    assert not any("def scale" in str(m["content"]) for m in upstream.received[-1].json["messages"])
+
+
+@pytest.mark.parametrize(
+    ("headers", "body_extra", "param"),
+    [
+        pytest.param({"x-cablectl-session": "x" * 300}, {}, "x-cablectl-session", id="header-too-long"),
+        pytest.param({}, {"metadata": {"session_id": 42}}, "metadata.session_id", id="not-a-string"),
+        pytest.param({}, {"metadata": {"session_id": ""}}, "metadata.session_id", id="empty"),
+        pytest.param({}, {"metadata": {"session_id": "a\nb"}}, "metadata.session_id", id="control-chars"),
+    ],
+)
+def test_bad_session_names_are_400(
+    proxy: UvicornThread, headers: dict[str, str], body_extra: dict[str, Any], param: str
+) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": WEATHER,
+        **body_extra,
+    }
+    response = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": "Bearer sk-alice-123456", **headers},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_lost_kernel_is_replayed_for_the_next_turn(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    """The session's kernel is killed between user turns: the next program finds scale() anyway."""
+    client = sdk(proxy, session="conv-killed")
+    messages: list[Any] = [{"role": "user", "content": "Define a scaler."}]
+    upstream.plan(program(DEFINE), program("Defined."))
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    runtime = proxy.server.config.app.state.loop.runtime
+    session_id = SessionKey("alice", "conv-killed").session_id
+    pid = runtime.live[session_id].kernel.connection.pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: dead(pid))
+    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
+    upstream.plan(program(USE), program("Done."))
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
+
+
+def test_a_restarted_proxy_continues_a_named_session_from_redis(
+    tmp_path: Path, upstream_url: str, upstream: ScriptedUpstream, redis_url: str
+) -> None:
+    cfg = config(upstream_url, sessions={"redis_url": redis_url, "secret": "s" * 32})
+    settings = load_settings(write_config(tmp_path, cfg), env={})
+    messages: list[Any] = [{"role": "user", "content": "Define a scaler."}]
+    with UvicornThread(create_app(settings)) as first:
+        upstream.plan(program(DEFINE), program("Defined."))
+        sdk(first, session="conv-redis").chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=WEATHER
+        )
+    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
+    with UvicornThread(create_app(load_settings(write_config(tmp_path, cfg), env={}))) as second:
+        upstream.plan(program(USE), program("Done."))
+        sdk(second, session="conv-redis").chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=WEATHER
+        )
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
