@@ -249,6 +249,9 @@ class KernelSettings(BaseModel):
     # local kernels' network: auto = a network namespace of their own where the host allows
     # it (root or user namespaces), else the host's; isolated = that or refuse to start; host
     network: Literal["auto", "isolated", "host"] = "auto"
+    # each local kernel in a bubblewrap sandbox of its own: auto = bwrap, and refuse to start
+    # where it cannot work; none = no sandbox (kernels then see the host's files and processes)
+    sandbox: Literal["auto", "bwrap", "none"] = "auto"
     gateway_url: str | None = None  # Jupyter Enterprise/Kernel Gateway instead of local processes
     gateway_token: str | None = None
 

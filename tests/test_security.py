@@ -93,6 +93,7 @@ def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
         "MPLBACKEND",
         "JPY_PARENT_PID",
         "JPY_SESSION_NAME",
+        "PWD",  # set by the sandbox: the working directory
         "PYDEVD_USE_FRAME_EVAL",
         "COLUMNS",
         "LINES",
@@ -130,7 +131,7 @@ def test_sessions_stay_isolated_when_the_kernel_slot_is_reused(
         "import os, json\n"
         "SECRET_A = 'only-for-session-a'\n"
         "open('a.txt', 'w').write(SECRET_A)\n"
-        "get_weather(city=json.dumps({'path': os.path.abspath('a.txt'), 'pid': os.getpid()}))\n"
+        "get_weather(city=json.dumps({'path': os.path.abspath('a.txt'), 'cwd': os.getcwd()}))\n"
         "```"
     )
     upstream.plan(program(leave))
@@ -142,7 +143,7 @@ def test_sessions_stay_isolated_when_the_kernel_slot_is_reused(
         "```python\n"
         "import os, json\n"
         f"get_weather(city=json.dumps({{'global': 'SECRET_A' in globals(), 'file': os.path.exists({left['path']!r}), "
-        "'pid': os.getpid()}))\n"
+        "'cwd': os.getcwd()}))\n"
         "```"
     )
     upstream.plan(program(look))
@@ -151,7 +152,8 @@ def test_sessions_stay_isolated_when_the_kernel_slot_is_reused(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "b"}], tools=WEATHER
     )
     seen = report_of(second)
-    assert seen == {"global": False, "file": False, "pid": seen["pid"]} and seen["pid"] != left["pid"]
+    # another kernel (its own directory; in a sandbox every kernel is pid 2 of its own namespace)
+    assert seen == {"global": False, "file": False, "cwd": seen["cwd"]} and seen["cwd"] != left["cwd"]
 
 
 def test_key_guessing_is_rate_limited_per_client(make_proxy: ProxyFactory, upstream_url: str) -> None:

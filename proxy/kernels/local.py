@@ -39,6 +39,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from proxy.kernels.base import KernelConnection, KernelProvider, Message
+from proxy.kernels.sandbox import sandbox_argv
 
 __all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits", "can_isolate_network"]
 
@@ -70,6 +71,15 @@ _LAUNCHER = (
 )
 
 
+# In a sandbox: bwrap's arguments for this kernel are in sandbox.json beside its connection
+# file (the last argument); exec bwrap with the launcher as the command inside.
+_SANDBOXED = (
+    "import json, os, sys\n"
+    "prefix = json.load(open(os.path.join(os.path.dirname(sys.argv[-1]), 'sandbox.json')))\n"
+    "os.execv(prefix[0], [*prefix, sys.executable, '-c', " + repr(_LAUNCHER) + ", *sys.argv[1:]])\n"
+)
+
+
 def can_isolate_network() -> bool:
     """Whether this host lets a child process leave the host's network (probed once)."""
     import subprocess
@@ -91,11 +101,12 @@ class ResourceLimits:
 
 
 class LocalKernel(KernelConnection):
-    def __init__(self, manager: AsyncKernelManager, workdir: Path) -> None:
+    def __init__(self, manager: AsyncKernelManager, workdir: Path, rundir: Path | None = None) -> None:
         super().__init__()
         self.manager = manager
         self.kernel_id = manager.kernel_id or uuid.uuid4().hex
         self.workdir = workdir
+        self.rundir = rundir
         self.client = manager.client()
         self._pumps: list[asyncio.Task[None]] = []
         self._closed = False
@@ -163,6 +174,8 @@ class LocalKernel(KernelConnection):
         with contextlib.suppress(Exception):
             await self.manager.cleanup_resources()  # connection file and ipc sockets
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 class LocalKernelProvider(KernelProvider):
@@ -175,8 +188,11 @@ class LocalKernelProvider(KernelProvider):
         startup_timeout: float = 60.0,
         extra_env: dict[str, str] | None = None,
         network: bool = True,
+        sandbox: str | None = None,
     ) -> None:
-        """``network=False``: kernels get a network namespace of their own (see the module doc)."""
+        """``network=False``: kernels get a network namespace of their own (see the module doc).
+        ``sandbox``: the path of ``bwrap``; each kernel then runs in a sandbox of its own
+        (``proxy.kernels.sandbox``)."""
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -187,14 +203,15 @@ class LocalKernelProvider(KernelProvider):
         self._specs = self.root / "kernelspecs"
         spec_dir = self._specs / SPEC_NAME
         spec_dir.mkdir(parents=True, exist_ok=True)
+        self.sandbox = sandbox
         argv = [
             sys.executable,
             "-c",
-            _LAUNCHER,
+            _LAUNCHER if sandbox is None else _SANDBOXED,
             str(self.limits.memory_bytes),
             str(self.limits.cpu_seconds),
             str(self.limits.open_files),
-            "0" if network else "1",
+            "1" if not network and sandbox is None else "0",  # a sandbox has no network already
             "-f",
             "{connection_file}",
         ]
@@ -204,7 +221,8 @@ class LocalKernelProvider(KernelProvider):
                     "argv": argv,
                     "display_name": "cablectl Python",
                     "language": "python",
-                    "interrupt_mode": "signal",
+                    # a signal would reach bwrap, not the kernel inside: ask the kernel itself
+                    "interrupt_mode": "signal" if sandbox is None else "message",
                 }
             )
         )
@@ -250,17 +268,22 @@ class LocalKernelProvider(KernelProvider):
         workdir.mkdir(mode=0o700)
         runtime = self.root / "run"
         runtime.mkdir(exist_ok=True, mode=0o700)
+        rundir = runtime / kernel_id  # its connection file and sockets, and nothing else's
+        rundir.mkdir(mode=0o700)
+        if self.sandbox is not None:
+            prefix = sandbox_argv(self.sandbox, str(workdir), str(rundir), network=self.network)
+            (rundir / "sandbox.json").write_text(json.dumps(prefix))
         manager = AsyncKernelManager(
             kernel_name=SPEC_NAME,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
-            ip=str(runtime / f"{kernel_id}-ipc"),
-            connection_file=str(runtime / f"{kernel_id}.json"),
+            ip=str(rundir / "ipc"),
+            connection_file=str(rundir / "kernel.json"),
         )
         kernel: LocalKernel | None = None
         try:
             await manager.start_kernel(env=self.kernel_env(workdir), cwd=str(workdir), kernel_id=kernel_id)
-            kernel = LocalKernel(manager, workdir)
+            kernel = LocalKernel(manager, workdir, rundir)
             pid = kernel.pid()
             if pid is not None:
                 self.started_pids.append(pid)
@@ -272,6 +295,7 @@ class LocalKernelProvider(KernelProvider):
                 with contextlib.suppress(Exception):
                     await asyncio.shield(manager.shutdown_kernel(now=True))
                 shutil.rmtree(workdir, ignore_errors=True)
+                shutil.rmtree(rundir, ignore_errors=True)
             raise
         return kernel
 
