@@ -11,7 +11,7 @@ unprivileged uid inside, in a session of its own, killed when its parent goes
 - read-write: its own working directory, and its own runtime directory (its connection file
   and IPC sockets), each bound at the same path as outside, so the proxy reaches the sockets;
 - a private ``/tmp``, its own ``/proc`` (its PID namespace: no other kernel, no proxy),
-  a minimal ``/dev``.
+  a minimal ``/dev``; everything else is read-only.
 
 Nothing else exists inside: no other kernel's directory or connection file, no config file,
 no ``/etc/shadow``, no ``/root``, no session store data, no network (unless
@@ -115,5 +115,7 @@ def sandbox_argv(bwrap: str, workdir: str, rundir: str, network: bool) -> list[s
         "--setenv",
         "JPY_PARENT_PID",
         "1",
+        "--remount-ro",  # the sandbox's own root: nothing can be written outside these binds and /tmp
+        "/",
         "--",
     ]
