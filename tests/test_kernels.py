@@ -19,6 +19,7 @@ import pytest
 from proxy.kernels import ExecLimits, Finished, KernelDied, KernelPool, Pending, PoolExhausted
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits
+from proxy.kernels.sandbox import bwrap_path, bwrap_works
 from tests.servers import free_port
 from translators.kernel_stubs import render_kernel_stubs
 from translators.tools import Toolset
@@ -26,6 +27,21 @@ from translators.tools import Toolset
 pytestmark = pytest.mark.anyio
 
 LIMITS = ExecLimits(timeout=3.0, max_output_chars=20_000, grace=2.0)
+SANDBOX: list[str | None] = [None]  # the bwrap path the local providers of this test use
+
+
+@pytest.fixture(autouse=True, params=["none", "bwrap"])
+def sandbox_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every local-kernel test runs unsandboxed and in bubblewrap sandboxes."""
+    path = bwrap_path() if request.param == "bwrap" else None
+    if request.param == "bwrap" and (path is None or not bwrap_works(path)):
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("bubblewrap cannot make a sandbox here, and CI needs it: apt-get install bubblewrap")
+        pytest.skip("bubblewrap cannot make a sandbox here (apt-get install bubblewrap)")
+    SANDBOX[0] = path
+    yield
+    SANDBOX[0] = None
+
 
 WEATHER = Toolset.from_openai(
     [
@@ -66,7 +82,7 @@ def assert_reaped(provider: LocalKernelProvider) -> None:
 
 @contextlib.asynccontextmanager
 async def local_pool(**kwargs: object) -> AsyncIterator[tuple[KernelPool, LocalKernelProvider]]:
-    provider = LocalKernelProvider(limits=kwargs.pop("limits", None))  # type: ignore[arg-type]
+    provider = LocalKernelProvider(limits=kwargs.pop("limits", None), sandbox=SANDBOX[0])  # type: ignore[arg-type]
     pool = KernelPool(provider, limits=LIMITS, **kwargs)  # type: ignore[arg-type]
     try:
         async with pool:
@@ -266,7 +282,7 @@ async def test_exhaustion_is_a_503() -> None:
 
 
 async def test_no_orphans_after_cancellation() -> None:
-    provider = LocalKernelProvider()
+    provider = LocalKernelProvider(sandbox=SANDBOX[0])
     pool = KernelPool(provider, min_idle=2, max_total=3, limits=ExecLimits(timeout=60))
     await pool.start()
     await pool.wait_ready(1)
