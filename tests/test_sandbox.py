@@ -180,3 +180,25 @@ def test_without_the_sandbox_the_same_probe_finds_them(
     assert report["config_file"][0] == "ok"
     assert report["sleepers_left"]  # its process outlived its kernel
     os.remove("/tmp/cablectl-probe-tmp")
+
+
+@pytest.mark.parametrize("mode", ["auto", "bwrap"])
+def test_without_bubblewrap_the_proxy_refuses_to_start_and_names_the_fix(
+    tmp_path: Path, upstream_url: str, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    import proxy.app
+    from proxy.app import create_app
+    from proxy.config import load_settings
+    from proxy.errors import ConfigError
+    from tests.conftest import write_config
+
+    monkeypatch.setattr(proxy.app, "bwrap_path", lambda: None)
+    cfg = {"model_list": upstream_models(upstream_url), "kernels": {"sandbox": mode}}
+    with pytest.raises(ConfigError) as info:
+        create_app(load_settings(write_config(tmp_path, cfg), env={}))
+    assert (
+        "apt-get install bubblewrap" in info.value.message and "kernels.sandbox: none" in info.value.message
+    )
+    # and says none is possible
+    cfg["kernels"] = {"sandbox": "none", "min_idle": 0}
+    create_app(load_settings(write_config(tmp_path, cfg), env={}))
