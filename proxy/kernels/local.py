@@ -112,7 +112,9 @@ class LocalKernel(KernelConnection):
         self._closed = False
 
     async def open(self, timeout: float) -> None:
-        self.client.start_channels()
+        # no heartbeat channel: liveness is the process's (is_alive), and its thread raced a
+        # fast shutdown (a socket created on a context being closed)
+        self.client.start_channels(hb=False)
         await self.client.wait_for_ready(timeout=timeout)
         for channel, getter in (
             ("iopub", self.client.get_iopub_msg),
