@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from pathlib import Path
 
 import pytest
 from packaging.markers import Marker
@@ -75,3 +76,10 @@ def test_the_environment_is_what_the_lock_says(entries: list[LockEntry]) -> None
         if installed != entry.version:
             wrong.append(f"{entry.name} {installed} (lock: {entry.version})")
     assert not wrong, "installed packages differ from requirements.lock: " + ", ".join(wrong)
+
+
+def test_no_stray_lock_output_at_the_root() -> None:
+    """An old scripts/lock wrote `uv pip compile -o -` to a file named "-"."""
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "-").exists()
+    assert "-o -" not in (root / "scripts" / "lock").read_text()
