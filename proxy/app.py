@@ -245,8 +245,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     keyring = KeyRing(settings.keys, settings.server.auth_failures_per_minute)
     body_limit = settings.server.max_request_body_bytes
     store = _session_store(settings)
-    if settings.sessions.secret is None and settings.sessions.redis_url:
-        log.warning("sessions.secret is not set: tool-call ids will not verify on other replicas; set it")
+    # a configured secret wins; else replicas on one Redis agree on one at startup (lifespan)
     ids = CallIds(settings.sessions.secret.encode() if settings.sessions.secret else secrets.token_bytes(32))
     pool = _kernel_pool(settings)
     toolsets = build_toolsets(settings.toolsets)
@@ -272,6 +271,15 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.sessions.secret is None and settings.sessions.redis_url:
+            # restarts and replicas must verify each other's tool-call ids: one secret, stored once
+            try:
+                ids.rekey(await store.shared_secret(secrets.token_bytes(32)))
+            except CablectlError as exc:
+                raise ConfigError(
+                    f"sessions.redis_url is set but Redis cannot be reached to agree on the session "
+                    f"secret ({exc.message}); start Redis, or set sessions.secret"
+                ) from exc
         await router.start(progress)
         for toolset in toolsets.values():
             await toolset.start()

@@ -229,7 +229,8 @@ class SessionSettings(BaseModel):
 
     redis_url: str | None = None  # none: in-process (one replica only)
     ttl_seconds: float = Field(default=3600.0, gt=0)
-    # signs tool-call ids; replicas must share it. Unset: a random one per process.
+    # signs tool-call ids; replicas must share it. Unset: with Redis, one generated once and
+    # stored there (set if absent) at startup; in-process, a random one per process.
     secret: str | None = Field(default=None, min_length=16)
 
 

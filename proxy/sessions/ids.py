@@ -25,6 +25,10 @@ def new_session_id() -> str:
 
 class CallIds:
     def __init__(self, secret: bytes) -> None:
+        self.rekey(secret)
+
+    def rekey(self, secret: bytes) -> None:
+        """Sign with ``secret`` from now on (the app agrees on one with its replicas at startup)."""
         if len(secret) < 16:
             raise ValueError("the session secret must be at least 16 bytes")
         self._secret = secret

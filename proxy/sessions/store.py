@@ -85,6 +85,11 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def _unlock(self, session_id: str, token: str) -> None: ...
 
+    async def shared_secret(self, candidate: bytes) -> bytes:
+        """The secret every replica on this store signs tool-call ids with: ``candidate`` if
+        none was agreed yet (set if absent), else the one stored first."""
+        return candidate
+
     async def ping(self) -> bool:
         return True
 
@@ -200,6 +205,7 @@ class RedisSessionStore(SessionStore):
         lock_ttl: float = 30.0,
         prefix: str = "cablectl:s:",
         replica_prefix: str = "cablectl:r:",
+        secret_key: str = "cablectl:secret",
     ) -> None:
         super().__init__(ttl, lock_ttl)
         import redis.asyncio as aioredis
@@ -207,6 +213,7 @@ class RedisSessionStore(SessionStore):
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._prefix = prefix
         self._replica_prefix = replica_prefix
+        self._secret_key = secret_key
         self._unlock_script = self._redis.register_script(_UNLOCK)
 
     def _log(self, session_id: str) -> str:
@@ -270,6 +277,11 @@ class RedisSessionStore(SessionStore):
 
     async def _unlock(self, session_id: str, token: str) -> None:
         await self._call(self._unlock_script(keys=[self._lock_key(session_id)], args=[token]))
+
+    async def shared_secret(self, candidate: bytes) -> bytes:
+        await self._call(self._redis.set(self._secret_key, candidate.hex(), nx=True))
+        stored = await self._call(self._redis.get(self._secret_key))
+        return bytes.fromhex(stored.decode() if isinstance(stored, bytes) else str(stored))
 
     async def ping(self) -> bool:
         import redis.exceptions
