@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from translators.errors import CallError, OutputError
-from translators.schema import check_value
+from translators.schema import check_value, coerce_value
 from translators.stubs import render_value
 from translators.tools import Tool, Toolset
 
@@ -139,7 +139,12 @@ def check_call(tool: Tool, args: list[Any], kwargs: dict[str, Any], check: bool 
     errors: list[str] = []
     for param in tool.params if check else ():
         if param.name in bound:
-            errors += check_value(param.schema, bound[param.name], f"{tool.py}({param.py}=...)", tool.refs)
+            found = check_value(param.schema, bound[param.name], f"{tool.py}({param.py}=...)", tool.refs)
+            if found:  # one unambiguous reading that fits is taken before a repair is asked for
+                coerced = coerce_value(param.schema, bound[param.name], tool.refs)
+                if not check_value(param.schema, coerced, "", tool.refs):
+                    bound[param.name], found = coerced, []
+            errors += found
     if errors:
         raise CallError("; ".join(errors[:5]) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
     return Call(tool.name, bound)

@@ -23,6 +23,7 @@ __all__ = [
     "TypeRenderer",
     "TypedDictDecl",
     "check_value",
+    "coerce_value",
     "docstring",
     "merge_all_of",
     "schema_types",
@@ -447,3 +448,69 @@ def check_value(schema: Any, value: Any, path: str, refs: Refs, depth: int = 0) 
             elif isinstance(extra, dict):
                 errors += check_value(extra, item, f"{path}[{key!r}]", refs, depth + 1)
     return errors
+
+
+def _matching_label(value: Any, options: list[Any]) -> list[Any]:
+    """Options ``value`` names up to case (a bool as 'True'/'true', a string as a bool)."""
+    if isinstance(value, bool):
+        return [o for o in options if isinstance(o, str) and o.lower() == str(value).lower()]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return [
+            o
+            for o in options
+            if (isinstance(o, str) and o.lower() == text) or (isinstance(o, bool) and text == str(o).lower())
+        ]
+    return []
+
+
+def coerce_value(schema: Any, value: Any, refs: Refs, depth: int = 0) -> Any:
+    """``value`` made to fit ``schema`` where there is exactly one way to read it, else as it is.
+
+    Enum and const values up to case (``'horror'`` -> ``'Horror'``), Python booleans for the
+    strings ``'True'``/``'False'`` an enum holds (and such strings for booleans), ints where a
+    number is wanted (and do not fit as they are) become floats, a lone value where an array is
+    wanted becomes a one-item list; inside lists, objects and unions. A value that already
+    fits is returned unchanged, and so is one that fits no better coerced."""
+    if depth > MAX_DEPTH or not isinstance(schema, dict) or not schema:
+        return value
+    if "$ref" in schema:
+        _, schema = refs.resolve(schema["$ref"])
+    if "allOf" in schema:
+        schema = merge_all_of(schema, refs)
+    if not check_value(schema, value, "", refs, depth):
+        return value
+    options = schema["enum"] if isinstance(schema.get("enum"), list) else None
+    if "const" in schema:
+        options = [schema["const"]]
+    if options:
+        found = _matching_label(value, options)
+        return found[0] if len(found) == 1 else value
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            fits = [
+                c
+                for s in schema[key]
+                if not check_value(s, c := coerce_value(s, value, refs, depth + 1), "", refs)
+            ]
+            return fits[0] if len(fits) == 1 else value
+    types = schema_types(schema) or _implied_types(schema)
+    if types == ["boolean"] and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if (
+        "number" in types
+        and "integer" not in types
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
+        return float(value)
+    if ("array" in types or "tuple" in types) and not isinstance(value, (list, tuple)) and value is not None:
+        items = schema.get("items")
+        one = [coerce_value(items, value, refs, depth + 1)] if isinstance(items, dict) else [value]
+        return one if not check_value(schema, one, "", refs, depth) else value
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [coerce_value(schema["items"], item, refs, depth + 1) for item in value]
+    if isinstance(value, dict) and isinstance(schema.get("properties"), dict):
+        props = schema["properties"]
+        return {k: coerce_value(props[k], v, refs, depth + 1) if k in props else v for k, v in value.items()}
+    return value
