@@ -6,7 +6,6 @@ Real redis-server, uvicorn, the openai SDK, real kernels; the scripted upstream 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from proxy.config import load_settings
 from tests.conftest import upstream_models, write_config
 from tests.servers import UvicornThread
 from tests.test_actions import LOOP_PROGRAM, WEATHER, program
+from tests.test_turn import answer_all
 from tests.upstream import ScriptedUpstream
 
 TEMPS = {"Paris": 18, "Rome": 24}
@@ -36,14 +36,7 @@ def step(server: UvicornThread, messages: list[Any]) -> list[str]:
     """One request; appends the reply and answers its calls; the cities asked for."""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    message = reply.choices[0].message
-    messages.append(message.model_dump(exclude_none=True))
-    cities = []
-    for call in message.tool_calls or []:
-        city = json.loads(call.function.arguments)["city"]
-        cities.append(city)
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"t": TEMPS[city]})})
-    return cities
+    return answer_all(messages, reply, TEMPS)
 
 
 def test_replicas_and_restarts_without_a_configured_secret_continue_each_other(
