@@ -439,7 +439,9 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
                 payload = {k: v for k, v in payload.items() if k != "metadata"} | (
                     {"metadata": rest} if rest else {}
                 )
-            events = loop.stream(entry, chat, payload, record.clock, offered, denied, session)
+            events = loop.stream(
+                entry, chat, payload, record.clock, offered, denied, session, principal.key_id
+            )
             head = await _head(events)  # a failure before the first visible event is an HTTP error
             started = next((e for e in head if isinstance(e, Started)), None)
             traced = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}

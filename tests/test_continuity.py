@@ -49,9 +49,12 @@ def sdk(server: UvicornThread, key: str = "sk-alice-123456", session: str | None
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, default_headers=headers)
 
 
-def two_turns(client: openai.OpenAI, upstream: ScriptedUpstream, **kwargs: Any) -> tuple[str, list[Any]]:
-    """Turn 1 defines scale() and answers; turn 2 (a new user question) calls scale(3)."""
-    messages: list[Any] = [{"role": "user", "content": "Define a scaler and try it on 2."}]
+def two_turns(
+    client: openai.OpenAI, upstream: ScriptedUpstream, first_question: str = "", **kwargs: Any
+) -> tuple[str, list[Any]]:
+    """Turn 1 defines scale() and answers; turn 2 (a new user question) calls scale(3).
+    ``first_question`` tells conversations apart (identical ones share a history digest)."""
+    messages: list[Any] = [{"role": "user", "content": f"Define a scaler and try it on 2. {first_question}"}]
     upstream.plan(program(DEFINE), program("scale(2) is 20."))
     first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER, **kwargs)
     assert first.choices[0].message.content == "scale(2) is 20."
@@ -69,7 +72,7 @@ def two_turns(client: openai.OpenAI, upstream: ScriptedUpstream, **kwargs: Any) 
 def test_a_named_session_keeps_its_kernel_across_user_turns(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, prompt = two_turns(sdk(proxy, session="conv-1"), upstream)
+    observation, prompt = two_turns(sdk(proxy, session="conv-1"), upstream, "(named)")
     assert observation == "Observation:\n30"
     # the model sees the program it ran in the earlier turn, and what it printed
     assert any("def scale(x):" in str(m["content"]) for m in prompt if m["role"] == "assistant")
@@ -79,22 +82,53 @@ def test_a_named_session_keeps_its_kernel_across_user_turns(
 def test_metadata_session_id_works_too_and_is_not_sent_upstream(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, _ = two_turns(sdk(proxy), upstream, metadata={"session_id": "conv-meta", "team": "a"})
+    observation, _ = two_turns(
+        sdk(proxy), upstream, "(meta)", metadata={"session_id": "conv-meta", "team": "a"}
+    )
     assert observation == "Observation:\n30"
     assert upstream.received[-1].json.get("metadata") == {"team": "a"}
 
 
-def test_without_a_name_each_user_turn_is_a_new_session(
+def test_without_a_name_the_history_continues_the_session_that_answered_it(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, _ = two_turns(sdk(proxy), upstream)
-    assert "NameError" in observation
+    observation, prompt = two_turns(sdk(proxy), upstream, "(unnamed)")
+    assert observation == "Observation:\n30"
+    assert any("def scale(x):" in str(m["content"]) for m in prompt if m["role"] == "assistant")
+
+
+def test_identical_conversations_never_share_a_kernel(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    """Two conversations with the same history under one key: neither continues implicitly."""
+    messages: list[Any] = [{"role": "user", "content": "Define a scaler (twins)."}]
+    for _ in range(2):
+        upstream.plan(program(DEFINE), program("Defined."))
+        sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
+    upstream.plan(program(USE), program("Done."))
+    sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    assert "NameError" in upstream.received[-1].json["messages"][-1]["content"]
+
+
+def test_another_keys_identical_history_is_its_own(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
+    """The same history under two keys: each continues its own session, not the other's."""
+    messages: list[Any] = [{"role": "user", "content": "Define a scaler (per key)."}]
+    upstream.plan(program(DEFINE), program("Defined."))
+    sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    bob = sdk(proxy, key="sk-bob-12345678")
+    upstream.plan(program("```python\nBASE = 1000\nprint(BASE)\n```"), program("Defined."))
+    bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "BASE?"}]
+    upstream.plan(program("```python\nprint(BASE)\n```"), program("Done."))
+    bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n1000"
 
 
 def test_the_same_name_under_another_key_is_another_session(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    two_turns(sdk(proxy, session="shared-name"), upstream)
+    two_turns(sdk(proxy, session="shared-name"), upstream, "(shared name)")
     messages = [{"role": "user", "content": "And 3?"}]
     upstream.plan(program(USE), program("Done."))
     sdk(proxy, key="sk-bob-12345678", session="shared-name").chat.completions.create(
@@ -152,21 +186,48 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
 
 
-def test_a_restarted_proxy_continues_a_named_session_from_redis(
-    tmp_path: Path, upstream_url: str, upstream: ScriptedUpstream, redis_url: str
+@pytest.mark.parametrize("session", ["conv-redis", None], ids=["named", "by-history"])
+def test_a_restarted_proxy_continues_the_session_from_redis(
+    tmp_path: Path, upstream_url: str, upstream: ScriptedUpstream, redis_url: str, session: str | None
 ) -> None:
     cfg = config(upstream_url, sessions={"redis_url": redis_url, "secret": "s" * 32})
     settings = load_settings(write_config(tmp_path, cfg), env={})
-    messages: list[Any] = [{"role": "user", "content": "Define a scaler."}]
+    messages: list[Any] = [{"role": "user", "content": f"Define a scaler ({session})."}]
     with UvicornThread(create_app(settings)) as first:
         upstream.plan(program(DEFINE), program("Defined."))
-        sdk(first, session="conv-redis").chat.completions.create(
+        sdk(first, session=session).chat.completions.create(
             model="gpt-4o-mini", messages=messages, tools=WEATHER
         )
     messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
     with UvicornThread(create_app(load_settings(write_config(tmp_path, cfg), env={}))) as second:
         upstream.plan(program(USE), program("Done."))
-        sdk(second, session="conv-redis").chat.completions.create(
+        sdk(second, session=session).chat.completions.create(
             model="gpt-4o-mini", messages=messages, tools=WEATHER
         )
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        pytest.param({"role": "assistant", "content": "Done."}, id="as-sent"),
+        pytest.param(
+            {"role": "assistant", "content": [{"type": "text", "text": "Done."}]}, id="content-parts"
+        ),
+        pytest.param(
+            {"role": "assistant", "content": " Done. ", "refusal": None}, id="spaces-and-extra-keys"
+        ),
+    ],
+)
+def test_a_conversation_digest_does_not_care_how_the_client_echoes_the_reply(echoed: dict[str, Any]) -> None:
+    from proxy.actions.history import conversation_digest
+
+    user = {"role": "user", "content": "Hi"}
+    sent = conversation_digest("alice", [user, {"role": "assistant", "content": "Done."}])
+    assert conversation_digest("alice", [user, echoed]) == sent
+    assert conversation_digest("bob", [user, echoed]) != sent  # scoped to the key
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1, "b": 2}'}}]
+    spaced = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"b":2,"a":1}'}}]
+    assert conversation_digest("k", [{"role": "assistant", "tool_calls": calls}]) == conversation_digest(
+        "k", [{"role": "assistant", "content": None, "tool_calls": spaced}]
+    )

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+
+import orjson
 
 from proxy.errors import InvalidRequest
 
-__all__ = ["check_tool_messages", "collapse", "trailing_tool_results"]
+__all__ = ["check_tool_messages", "collapse", "conversation_digest", "trailing_tool_results"]
 
 Message = dict[str, Any]
 Event = dict[str, Any]
@@ -120,3 +123,40 @@ def collapse(messages: list[Message], events: list[Event]) -> list[Message]:
     if pending_turn is not None:
         out.append({"role": "user", "content": f"Observation:\n{outputs[pending_turn]}"})
     return out
+
+
+def _arguments(raw: Any) -> Any:
+    try:
+        return orjson.loads(raw) if isinstance(raw, str) else raw
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _canonical(message: Message) -> list[Any]:
+    """What identifies a message however a client echoes it (content as text or parts, null or
+    "", arguments re-spaced)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    role = message.get("role")
+    calls = [
+        [
+            str(c.get("id")),
+            (c.get("function") or {}).get("name"),
+            _arguments((c.get("function") or {}).get("arguments")),
+        ]
+        for c in message.get("tool_calls") or []
+        if isinstance(c, dict)
+    ]
+    return [
+        "system" if role == "developer" else role,
+        str(content or "").strip(),
+        calls,
+        message.get("tool_call_id"),
+    ]
+
+
+def conversation_digest(owner: str, messages: list[Message]) -> str:
+    """A conversation prefix's identity within one API key."""
+    body = orjson.dumps([_canonical(m) for m in messages], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(owner.encode() + b"\0" + body).hexdigest()

@@ -32,7 +32,7 @@ from proxy.actions.events import (
     Started,
     TextDelta,
 )
-from proxy.actions.history import check_tool_messages, collapse, trailing_tool_results
+from proxy.actions.history import check_tool_messages, collapse, conversation_digest, trailing_tool_results
 from proxy.actions.programs import KernelDriver, Settled, next_seq
 from proxy.actions.runtime import Runtime
 from proxy.actions.step import Step, ToolCallOut
@@ -146,6 +146,13 @@ class ActionLoop:
                     return parsed[0]
         return None
 
+    async def _session_by_history(self, owner: str, messages: list[Message]) -> str | None:
+        """The session that answered this conversation up to its last assistant message."""
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            return None
+        return await self.store.session_of_digest(conversation_digest(owner, messages[: last + 1]))
+
     def _toolset(
         self,
         payload: dict[str, Any],
@@ -192,16 +199,21 @@ class ActionLoop:
         server: list[ServerToolset] | None = None,
         denied: set[str] | None = None,
         session: SessionKey | None = None,
+        owner: str = "anonymous",
     ) -> AsyncIterator[Event]:
         """Answer one request as events. Anything wrong with the request raises before the first.
 
         The session: the one the conversation's tool-call ids name, else the one the client
-        names (``session``, scoped to its API key), else a new one."""
+        names (``session``, scoped to its API key), else the one whose answered conversation
+        this request's history extends (``owner``'s, and only if exactly one), else a new one."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
         toolset, choice, servers = self._toolset(payload, request, server or [], denied or set())
         session_id = (
-            self._session_of(messages) or (session.session_id if session else None) or new_session_id()
+            self._session_of(messages)
+            or (session.session_id if session else None)
+            or await self._session_by_history(owner, messages)
+            or new_session_id()
         )
         answers = trailing_tool_results(messages)
         parallel = request.parallel_tool_calls is not False
@@ -215,6 +227,7 @@ class ActionLoop:
                 with span.child("tool", "tool", input=answer, metadata={"kind": "client"}) as tool_span:
                     tool_span.end(output=answer["result"])
             step = Step(
+                owner=owner,
                 session_id=session_id,
                 entry=entry,
                 request=request,
@@ -291,6 +304,9 @@ class ActionLoop:
             program = reply.program
             if program is None:
                 await self.store.append(sid, {**record, "mode": "answer"})
+                # the conversation as the client will send it back continues this session
+                answered = [*step.messages, {"role": "assistant", "content": step.shown_text}]
+                await self.store.claim_digest(conversation_digest(step.owner, answered), sid)
                 yield Finished("stop", step.usage)
                 return
             static = isinstance(program, StaticCalls) and not any(

@@ -33,6 +33,7 @@ class ToolCallOut:
 
 @dataclass
 class Step:
+    owner: str  # the API key's id: what sessions and conversation digests are scoped to
     session_id: str
     entry: ModelEntry
     request: ChatCompletionRequest

@@ -33,6 +33,9 @@ __all__ = ["InMemorySessionStore", "RedisSessionStore", "SessionBusy", "SessionS
 Event = dict[str, Any]
 
 
+AMBIGUOUS = "*"  # a conversation digest two sessions claimed
+
+
 class SessionBusy(CablectlError):
     """Another request (maybe on another replica) is resuming this session right now."""
 
@@ -90,6 +93,15 @@ class SessionStore(abc.ABC):
         none was agreed yet (set if absent), else the one stored first."""
         return candidate
 
+    @abc.abstractmethod
+    async def claim_digest(self, digest: str, session_id: str) -> None:
+        """Record that the conversation with this digest is ``session_id``'s; a digest two
+        sessions claim belongs to neither (``AMBIGUOUS``). Expires with the session TTL."""
+
+    @abc.abstractmethod
+    async def session_of_digest(self, digest: str) -> str | None:
+        """The one session a conversation digest names, or None (unknown or ambiguous)."""
+
     async def ping(self) -> bool:
         return True
 
@@ -129,6 +141,20 @@ class InMemorySessionStore(SessionStore):
         self._logs: dict[str, tuple[float, list[bytes]]] = {}
         self._locks: dict[str, tuple[float, str]] = {}
         self._replicas: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._digests: dict[str, tuple[float, str]] = {}
+
+    async def claim_digest(self, digest: str, session_id: str) -> None:
+        held = self._digests.get(digest)
+        owner = (
+            session_id if held is None or held[0] < time.monotonic() or held[1] == session_id else AMBIGUOUS
+        )
+        self._digests[digest] = (time.monotonic() + self.ttl, owner)
+
+    async def session_of_digest(self, digest: str) -> str | None:
+        held = self._digests.get(digest)
+        if held is None or held[0] < time.monotonic() or held[1] == AMBIGUOUS:
+            return None
+        return held[1]
 
     def _live(self, session_id: str) -> list[bytes] | None:
         entry = self._logs.get(session_id)
@@ -155,6 +181,8 @@ class InMemorySessionStore(SessionStore):
             del self._logs[sid]
         for sid in [sid for sid, (until, _) in self._locks.items() if until < now]:
             del self._locks[sid]
+        for digest in [d for d, (until, _) in self._digests.items() if until < now]:
+            del self._digests[digest]
         return len(expired)
 
     async def sessions(self) -> list[str]:
@@ -215,6 +243,7 @@ class RedisSessionStore(SessionStore):
         self._replica_prefix = replica_prefix
         self._secret_key = secret_key
         self._unlock_script = self._redis.register_script(_UNLOCK)
+        self._claim_script = self._redis.register_script(_CLAIM)
 
     def _log(self, session_id: str) -> str:
         return f"{self._prefix}{session_id}:log"
@@ -278,6 +307,22 @@ class RedisSessionStore(SessionStore):
     async def _unlock(self, session_id: str, token: str) -> None:
         await self._call(self._unlock_script(keys=[self._lock_key(session_id)], args=[token]))
 
+    def _digest_key(self, digest: str) -> str:
+        return f"{self._prefix}digest:{digest}"
+
+    async def claim_digest(self, digest: str, session_id: str) -> None:
+        ttl = int(self.ttl * 1000)
+        await self._call(
+            self._claim_script(keys=[self._digest_key(digest)], args=[session_id, AMBIGUOUS, ttl])
+        )
+
+    async def session_of_digest(self, digest: str) -> str | None:
+        held = await self._call(self._redis.get(self._digest_key(digest)))
+        if held is None:
+            return None
+        owner = held.decode() if isinstance(held, bytes) else str(held)
+        return None if owner == AMBIGUOUS else owner
+
     async def shared_secret(self, candidate: bytes) -> bytes:
         await self._call(self._redis.set(self._secret_key, candidate.hex(), nx=True))
         stored = await self._call(self._redis.get(self._secret_key))
@@ -293,3 +338,15 @@ class RedisSessionStore(SessionStore):
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+# A digest's owner: set if absent; another session's claim makes it ambiguous (for good).
+_CLAIM = """
+local held = redis.call('get', KEYS[1])
+if (not held) or held == ARGV[1] then
+    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3])
+else
+    redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
