@@ -251,7 +251,12 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     toolsets = build_toolsets(settings.toolsets)
     metrics = Metrics(known_models=router.names())
     tracer = build_tracer(settings.tracing.langfuse)
-    runtime = Runtime(pool, store, on_acquire_wait=metrics.acquire_wait.observe)
+    runtime = Runtime(
+        pool,
+        store,
+        on_acquire_wait=metrics.acquire_wait.observe,
+        on_replay=lambda reason: metrics.replays.labels(reason).inc(),
+    )
     metrics.watch(pool.stats, lambda: len(runtime.live))
     loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
     routes = {entry.model_name: entry for entry in settings.model_list}

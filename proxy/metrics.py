@@ -18,6 +18,7 @@ cablectl_sessions_active                   gauge      (sessions holding a kernel
 cablectl_generations_total                 counter    model, grammar (inner model calls)
 cablectl_grammar_repairs_total             counter    model, outcome: repaired, failed
 cablectl_grammar_ignored_total             counter    model (replies not in the grammar sent)
+cablectl_session_replays_total             counter    reason: waiting_call, new_program
 cablectl_tool_calls_total                  counter    kind: client, server
 cablectl_actions_total                     counter    path: static, kernel
 =========================================  =========  ==========================================
@@ -122,6 +123,12 @@ class Metrics:
             "cablectl_grammar_ignored",
             "Replies of a server that was sent a grammar but did not keep to it (it failed open)",
             ["model"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "cablectl_session_replays",
+            "Sessions whose log was replayed onto a fresh kernel, by reason",
+            ["reason"],
             registry=r,
         )
         self.tool_calls = Counter(

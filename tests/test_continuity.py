@@ -184,6 +184,12 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
     upstream.plan(program(USE), program("Done."))
     client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
+    replays = [
+        line
+        for line in httpx.get(proxy.url + "/metrics").text.splitlines()
+        if line.startswith('cablectl_session_replays_total{reason="new_program"}')
+    ]
+    assert replays and float(replays[0].split()[-1]) >= 1
 
 
 @pytest.mark.parametrize("session", ["conv-redis", None], ids=["named", "by-history"])

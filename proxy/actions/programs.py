@@ -92,7 +92,9 @@ class KernelDriver:
         if any(e.get("kind") == "turn" and e.get("mode") == "kernel" for e in earlier):
             with step.span.child("replay", metadata={"turn": turn, "reason": "new program"}) as replay:
                 try:
-                    live, _ = await self.runtime.replay(sid, step.toolset, earlier, finish=True)
+                    live, _ = await self.runtime.replay(
+                        sid, step.toolset, earlier, finish=True, reason="new_program"
+                    )
                     replay.end(metadata={"kernel_id": live.kernel.kernel_id})
                     return live
                 except KernelDied as exc:  # the program runs on a fresh kernel without that state
@@ -262,7 +264,9 @@ class KernelDriver:
         if live is None:
             # this kernel is gone (crash, restart, another replica): replay the log onto a fresh one
             with step.span.child("replay", metadata={"turn": turn}) as replay:
-                live, state = await self.runtime.replay(sid, step.toolset, await self.store.events(sid))
+                live, state = await self.runtime.replay(
+                    sid, step.toolset, await self.store.events(sid), reason="waiting_call"
+                )
                 replay.end(metadata={"kernel_id": live.kernel.kernel_id})
         if state is None:
             return

@@ -51,18 +51,22 @@ def result_value(content: Any) -> Any:
 
 
 class Runtime:
-    """``on_acquire_wait`` is told how long each session waited for a kernel (seconds)."""
+    """``on_acquire_wait`` is told how long each session waited for a kernel (seconds);
+    ``on_replay`` the reason of each replay (``waiting_call``: a result for a program whose
+    kernel is gone; ``new_program``: a new program in a session whose kernel is gone)."""
 
     def __init__(
         self,
         pool: KernelPool,
         store: SessionStore,
         on_acquire_wait: Callable[[float], None] | None = None,
+        on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
         self.live: dict[str, LiveSession] = {}
         self.on_acquire_wait = on_acquire_wait
+        self.on_replay = on_replay  # told the reason of every replay
 
     async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
         """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
@@ -138,7 +142,12 @@ class Runtime:
             state = await live.kernel.reply(error="this call was not answered")
 
     async def replay(
-        self, session_id: str, toolset: Toolset, events: list[Event], finish: bool = False
+        self,
+        session_id: str,
+        toolset: Toolset,
+        events: list[Event],
+        finish: bool = False,
+        reason: str = "lost_kernel",
     ) -> tuple[LiveSession, Pending | Finished | None]:
         """A fresh kernel brought to where the log ends.
 
@@ -185,7 +194,15 @@ class Runtime:
                     if not isinstance(state, Pending):
                         break
                     state = await live.kernel.reply(error="no recorded result while replaying this session")
-        log.info("session %s replayed onto kernel %s", session_id, live.kernel.kernel_id)
+        log.info(
+            "session %s replayed onto kernel %s (%s: %d programs run again)",
+            session_id,
+            live.kernel.kernel_id,
+            reason,
+            len(turns),
+        )
+        if self.on_replay is not None:
+            self.on_replay(reason)
         return live, state
 
     async def release(self, session_id: str) -> None:
