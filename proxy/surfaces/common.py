@@ -33,22 +33,27 @@ def json_object(raw: bytes, fields: str) -> dict[str, Any]:
     return data
 
 
-def _param_of(loc: tuple[int | str, ...]) -> str | None:
+def _param_of(loc: tuple[int | str, ...], data: Any) -> str | None:
+    """The client's name for a location: parts that are not in the data (pydantic's names for
+    union branches and tags) are left out, except a missing field at the end."""
     out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in part or part in {"str", "list", "function-after"} or part[:1].isupper():
-            continue  # pydantic's names for union branches and tags, not the client's fields
-        else:
-            out += f".{part}" if out else part
+    for i, part in enumerate(loc):
+        present = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        )
+        if not present and i < len(loc) - 1:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        data = data[part] if present else None  # type: ignore[index]
     return out or None
 
 
-def invalid_from_validation(exc: ValidationError) -> InvalidRequest:
+def invalid_from_validation(exc: ValidationError, data: Any) -> InvalidRequest:
+    """The most specific of pydantic's errors (the deepest: a union's other branches fail
+    shallower), as a 400 that names the field."""
     errors = exc.errors()
-    first = errors[0]
-    param = _param_of(tuple(first["loc"]))
+    first = max(errors, key=lambda e: len(e["loc"]))
+    param = _param_of(tuple(first["loc"]), data)
     where = f"'{param}'" if param else "the request body"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return InvalidRequest(f"Invalid value for {where}: {first['msg']}{more}", param=param)
@@ -58,7 +63,7 @@ def validated(model: type[ModelT], data: dict[str, Any]) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise invalid_from_validation(exc) from exc
+        raise invalid_from_validation(exc, data) from exc
 
 
 def chat_request(payload: dict[str, Any]) -> ChatCompletionRequest:
