@@ -64,3 +64,10 @@ def test_a_server_that_ignores_stream_answers_one_body() -> None:
     for bad in (b"{", b"[]", b'{"error": "nope"}'):
         with pytest.raises(UpstreamError):
             completion_text(bad, "m")
+
+
+def test_a_crlf_split_between_two_reads_is_one_frame_boundary() -> None:
+    raw = b"".join(text_stream("m", ["Hel", "lo"])).replace(b"\n", b"\r\n")
+    for cut in range(len(raw)):
+        parser = ChatStreamParser("m")
+        assert parser.feed(raw[:cut]) + parser.feed(raw[cut:]) + parser.finish() == "Hello", cut

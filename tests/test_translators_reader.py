@@ -128,3 +128,18 @@ def test_reader_agrees_with_parse_output(
     assert "```" not in prose or "```" in parsed.thought
     if statements:  # every statement seen is a prefix of the program
         assert parsed.source.startswith(statements[-1].strip("\n")) or not parsed.source.strip()
+
+
+def test_statements_are_what_parse_output_makes_of_the_block() -> None:
+    """A whitespace-only line inside a string is emptied by parse_output's dedent: the
+    statements sent early must carry the same text, or the kernel's call would not match."""
+    text = "```python\nsend(body='''Hi,\n    \nBye''')\nprint(1)\n```"
+    _, statements, _ = read(text)
+    parsed = parse_output(text)
+    assert isinstance(parsed, Action) and statements[-1] == parsed.source
+
+
+def test_a_huge_int_argument_is_still_json() -> None:
+    from translators.actions import Call
+
+    assert Call("f", {"cents": 2**70}).arguments_json == '{"cents":1180591620717411303424}'

@@ -14,6 +14,7 @@ messages are fit to send back to the model.
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,10 @@ class Call:
 
     @property
     def arguments_json(self) -> str:
-        return orjson.dumps(self.arguments).decode()
+        try:
+            return orjson.dumps(self.arguments).decode()
+        except TypeError:  # an int beyond 64 bits: the standard library writes it
+            return json.dumps(self.arguments, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

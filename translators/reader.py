@@ -177,14 +177,14 @@ class OutputReader:
         module = _parses(pending) if pending.strip() else None
         if module is not None and module.body and not any(isinstance(s, _COMPOUND) for s in module.body):
             self._done = len(self._code)
-            self._events.append(Statements("\n".join(self._code).strip("\n")))
+            self._events.append(Statements(textwrap.dedent("\n".join(self._code)).strip("\n")))
 
     def _statements(self) -> None:
         """The statements written since the last ones, if they are complete."""
         pending = "\n".join(self._code[self._done :])
-        whole = "\n".join(self._code)
+        whole = textwrap.dedent("\n".join(self._code))  # exactly what parse_output makes of it
         if self._indent:
-            pending, whole = textwrap.dedent(pending), textwrap.dedent(whole)
+            pending = textwrap.dedent(pending)
         if not pending.strip():
             return
         module = _parses(pending)

@@ -239,7 +239,9 @@ class KernelDriver:
                 for e in new
             ),
         )
-        waiting = open_calls[0]
+        # the call the latest program waits on: the first open one of the latest turn with any
+        latest = max(int(e["turn"]) for e in open_calls)
+        waiting = next(e for e in open_calls if int(e["turn"]) == latest)
         if waiting["call_id"] not in answered:
             return
         turn = int(waiting["turn"])

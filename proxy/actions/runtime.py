@@ -134,6 +134,11 @@ class Runtime:
         live = self.live.get(session_id)
         if live is None or live.waiting_call_id is None:
             return
+        # recorded, so neither a resume nor a replay waits for it again
+        await self.store.append(
+            session_id,
+            {"kind": "result", "call_id": live.waiting_call_id, "error": "this call was not answered"},
+        )
         live.waiting_call_id = None
         state: Pending | Finished = await live.kernel.reply(error="this call was not answered")
         for _ in range(100):

@@ -61,9 +61,11 @@ class ChatStreamParser:
 
     def feed(self, data: bytes) -> str:
         """The content that the complete frames in ``data`` (and what came before) carry."""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
         buffer = self._buffer + data
+        if b"\r" in buffer:
+            # a CRLF split between two pieces: keep a trailing \r until its \n arrives
+            held = buffer.endswith(b"\r")
+            buffer = (buffer[:-1] if held else buffer).replace(b"\r\n", b"\n") + (b"\r" if held else b"")
         out: list[str] = []
         start = 0
         while not self.done:
