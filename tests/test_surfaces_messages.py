@@ -637,7 +637,7 @@ def serving(
             return httpx2.Response(status, headers={"content-type": "application/json"}, content=body)
         seen.append(call)
         events: AsyncIterator[Event] = stream_of(*script(call)) if fail is None else fail_after([], fail)
-        if call.request.stream:  # type: ignore[attr-defined]
+        if call.stream:
             return httpx2.Response(
                 200, headers={"content-type": "text/event-stream"}, content=render_messages_sse(events, call)
             )
@@ -697,7 +697,7 @@ async def test_the_anthropic_sdk_runs_a_tool_loop(stream: bool) -> None:
     second = await ask()
     assert (second.stop_reason, second.content[0].text) == ("end_turn", "It is 18C in Paris.")  # type: ignore[union-attr]
     assert [m["role"] for m in seen[-1].payload["messages"]] == ["user", "assistant", "tool"]
-    assert [c.request.stream for c in seen] == [stream, stream]  # type: ignore[attr-defined]
+    assert [c.stream for c in seen] == [stream, stream]
 
 
 async def test_the_sdk_reads_a_refusal_as_its_bad_request_error() -> None:

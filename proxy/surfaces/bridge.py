@@ -10,7 +10,7 @@ before ``[DONE]`` or a finish reason, is an ``UpstreamError``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +145,7 @@ class _Chunks:
         yield Finished(_reason(self.reason, len(self.calls)), self.usage)
 
 
-async def events_from_chat_sse(chunks: AsyncIterator[bytes], model_name: str) -> AsyncIterator[Event]:
+async def events_from_chat_sse(chunks: AsyncIterable[bytes], model_name: str) -> AsyncIterator[Event]:
     """The events of a ``chat.completion.chunk`` stream, as its frames complete."""
     state = _Chunks(model_name)
     buffer = b""

@@ -151,6 +151,10 @@ class MessagesCall:
     chat: ChatCompletionRequest  # ``payload`` validated
     message_id: str = field(default_factory=lambda: new_id("msg"))
 
+    @property
+    def stream(self) -> bool:
+        return isinstance(self.request, MessagesRequest) and self.request.stream
+
 
 # ---------------------------------------------------------------------------------------- parse
 

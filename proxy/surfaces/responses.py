@@ -182,7 +182,8 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     for name, fix in _REFUSED_FIELDS.items():
         if data.get(name):
             raise InvalidRequest(f"'{name}' is not supported by this proxy: {fix}.", param=name)
-    for i, tool in enumerate(data.get("tools") or []):
+    tools = data.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
             raise InvalidRequest(
