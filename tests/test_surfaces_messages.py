@@ -46,6 +46,7 @@ from proxy.surfaces.bridge import events_from_chat_body
 from proxy.surfaces.messages import (
     MessagesCall,
     messages_error,
+    messages_error_event,
     parse_count_tokens_request,
     parse_messages_request,
     render_messages_json,
@@ -446,6 +447,7 @@ def test_errors_in_anthropic_shape(exc: CablectlError, status: int, kind: str) -
     got_status, body = messages_error(exc)
     assert got_status == status
     assert orjson.loads(body) == {"type": "error", "error": {"type": kind, "message": exc.message}}
+    assert frames(messages_error_event(exc)) == [("error", orjson.loads(body))]
 
 
 # --------------------------------------------------------------------------------------- render

@@ -10,6 +10,7 @@ from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
 from proxy.surfaces.messages import (
     MessagesCall,
     messages_error,
+    messages_error_event,
     parse_count_tokens_request,
     parse_messages_request,
     render_messages_json,
@@ -32,6 +33,7 @@ __all__ = [
     "events_from_chat_body",
     "events_from_chat_sse",
     "messages_error",
+    "messages_error_event",
     "parse_count_tokens_request",
     "parse_messages_request",
     "parse_responses_request",

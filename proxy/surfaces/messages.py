@@ -48,6 +48,7 @@ __all__ = [
     "MessagesCall",
     "MessagesRequest",
     "messages_error",
+    "messages_error_event",
     "parse_count_tokens_request",
     "parse_messages_request",
     "render_messages_json",
@@ -348,6 +349,11 @@ def messages_error(exc: CablectlError) -> tuple[int, bytes]:
     return exc.http_status, orjson.dumps(_error(exc))
 
 
+def messages_error_event(exc: CablectlError) -> bytes:
+    """The same, as the stream's last event (``event: error``: the SDK ignores unnamed events)."""
+    return sse("error", _error(exc))
+
+
 # --------------------------------------------------------------------------------------- render
 
 _STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
@@ -465,7 +471,7 @@ async def render_messages_sse(events: AsyncIterator[Event], call: MessagesCall) 
         async for name, data in _run(_Builder(call), events):
             yield sse(name, data)
     except CablectlError as exc:
-        yield sse("error", _error(exc))
+        yield messages_error_event(exc)
 
 
 async def render_messages_json(events: AsyncIterator[Event], call: MessagesCall) -> bytes:
