@@ -38,7 +38,7 @@ from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionD
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
-from proxy.kernels.sandbox import bwrap_path, bwrap_works
+from proxy.kernels.sandbox import require_sandbox
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
@@ -165,23 +165,6 @@ def _isolate_network(mode: str) -> bool:
     return False
 
 
-def _sandbox(mode: str) -> str | None:
-    """bwrap's path when local kernels are to be sandboxed; refuse to start if they cannot be."""
-    if mode == "none":
-        log.warning("kernels.sandbox is none: programs can see the host's files and processes")
-        return None
-    path = bwrap_path()
-    if path is None or not bwrap_works(path):
-        raise ConfigError(
-            f"kernels.sandbox is {mode!r}, but bubblewrap cannot make a sandbox here"
-            + (" (bwrap is not installed)" if path is None else " (it needs user namespaces)")
-            + ": install it (apt-get install bubblewrap; in a container, allow user namespaces, e.g. "
-            "docker run --security-opt seccomp=unconfined --security-opt apparmor=unconfined), use "
-            "remote kernels (kernels.gateway_url), or set kernels.sandbox: none to run kernels unsandboxed"
-        )
-    return path
-
-
 def _kernel_pool(settings: Settings) -> KernelPool:
     cfg = settings.kernels
     provider: KernelProvider
@@ -189,10 +172,10 @@ def _kernel_pool(settings: Settings) -> KernelPool:
         provider = GatewayKernelProvider(cfg.gateway_url, auth_token=cfg.gateway_token)
     else:
         limits = ResourceLimits(memory_bytes=cfg.memory_mb * 1024 * 1024, cpu_seconds=cfg.cpu_seconds)
-        bwrap = _sandbox(cfg.sandbox)
-        # in a sandbox the kernel has no network unless the host's is asked for
-        network = cfg.network == "host" if bwrap else not _isolate_network(cfg.network)
-        provider = LocalKernelProvider(limits=limits, network=network, sandbox=bwrap)
+        sandbox = require_sandbox(cfg.sandbox)  # refuses to start where it cannot work
+        # a sandbox has no network unless the host's is asked for; unsandboxed, a namespace if possible
+        network = cfg.network == "host" if sandbox else not _isolate_network(cfg.network)
+        provider = LocalKernelProvider(limits=limits, network=network, sandbox=sandbox)
     return KernelPool(
         provider,
         min_idle=min(cfg.min_idle, cfg.max_total),

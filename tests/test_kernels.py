@@ -19,7 +19,7 @@ import pytest
 from proxy.kernels import ExecLimits, Finished, KernelDied, KernelPool, Pending, PoolExhausted
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits
-from proxy.kernels.sandbox import bwrap_path, bwrap_works
+from proxy.kernels.sandbox import Bubblewrap
 from tests.servers import free_port
 from translators.kernel_stubs import render_kernel_stubs
 from translators.tools import Toolset
@@ -27,20 +27,19 @@ from translators.tools import Toolset
 pytestmark = pytest.mark.anyio
 
 LIMITS = ExecLimits(timeout=3.0, max_output_chars=20_000, grace=2.0)
-SANDBOX: list[str | None] = [None]  # the bwrap path the local providers of this test use
 
 
-@pytest.fixture(autouse=True, params=["none", "bwrap"])
-def sandbox_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+@pytest.fixture(params=["none", "bwrap"])
+def sandbox(request: pytest.FixtureRequest) -> Bubblewrap | None:
     """Every local-kernel test runs unsandboxed and in bubblewrap sandboxes."""
-    path = bwrap_path() if request.param == "bwrap" else None
-    if request.param == "bwrap" and (path is None or not bwrap_works(path)):
+    if request.param == "none":
+        return None
+    bwrap = Bubblewrap.find()
+    if bwrap is None or bwrap.problem() is not None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("bubblewrap cannot make a sandbox here, and CI needs it: apt-get install bubblewrap")
         pytest.skip("bubblewrap cannot make a sandbox here (apt-get install bubblewrap)")
-    SANDBOX[0] = path
-    yield
-    SANDBOX[0] = None
+    return bwrap
 
 
 WEATHER = Toolset.from_openai(
@@ -72,17 +71,37 @@ def alive(pid: int) -> bool:
         return False
 
 
+def processes_under(root: Path) -> list[int]:
+    """Live processes whose command line names a path under ``root``: every kernel's does (its
+    connection file), sandboxed or not, and so do bwrap and its init."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(root).encode() in cmdline and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
 def assert_reaped(provider: LocalKernelProvider) -> None:
     assert provider.started_pids, "no kernel was started"
     deadline = time.monotonic() + 10
-    while any(alive(p) for p in provider.started_pids) and time.monotonic() < deadline:
+    while (any(alive(p) for p in provider.started_pids) or processes_under(provider.root)) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert [p for p in provider.started_pids if alive(p)] == []
+    assert processes_under(provider.root) == []  # nothing inside a sandbox either
 
 
 @contextlib.asynccontextmanager
-async def local_pool(**kwargs: object) -> AsyncIterator[tuple[KernelPool, LocalKernelProvider]]:
-    provider = LocalKernelProvider(limits=kwargs.pop("limits", None), sandbox=SANDBOX[0])  # type: ignore[arg-type]
+async def local_pool(
+    sandbox: Bubblewrap | None, **kwargs: object
+) -> AsyncIterator[tuple[KernelPool, LocalKernelProvider]]:
+    provider = LocalKernelProvider(limits=kwargs.pop("limits", None), sandbox=sandbox)  # type: ignore[arg-type]
     pool = KernelPool(provider, limits=LIMITS, **kwargs)  # type: ignore[arg-type]
     try:
         async with pool:
@@ -99,8 +118,8 @@ async def run_to_end(kernel: object, code: str, answer: object = None) -> Finish
     return result
 
 
-async def test_sequential_and_concurrent_sessions() -> None:
-    async with local_pool(min_idle=2, max_total=4) as (pool, _):
+async def test_sequential_and_concurrent_sessions(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=2, max_total=4) as (pool, _):
         kernel = await pool.acquire("one")
         first = await run_to_end(kernel, "x = 20")
         second = await run_to_end(kernel, "print(x + 1)\nx * 2")
@@ -121,8 +140,8 @@ async def test_sequential_and_concurrent_sessions() -> None:
         assert pool.stats().busy == 0
 
 
-async def test_back_channel_three_calls_in_a_loop() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_back_channel_three_calls_in_a_loop(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         assert (await run_to_end(kernel, render_kernel_stubs(WEATHER))).output.error is None
         seen = []
@@ -151,8 +170,8 @@ async def test_back_channel_three_calls_in_a_loop() -> None:
         await pool.release(kernel)
 
 
-async def test_errors_and_rich_output() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_errors_and_rich_output(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         failed = await run_to_end(kernel, "import sys\nprint('before')\nprint('oops', file=sys.stderr)\n1/0")
         assert failed.output.stdout == "before\n" and failed.output.stderr == "oops\n"
@@ -167,8 +186,8 @@ async def test_errors_and_rich_output() -> None:
         await pool.release(kernel)
 
 
-async def test_infinite_loop_is_interrupted() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_infinite_loop_is_interrupted(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         result = await run_to_end(kernel, "while True:\n    pass")
         assert result.output.error is not None and result.output.error.ename == "TimeoutError"
@@ -177,8 +196,8 @@ async def test_infinite_loop_is_interrupted() -> None:
         await pool.release(kernel)
 
 
-async def test_time_waiting_for_tools_does_not_count() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_time_waiting_for_tools_does_not_count(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         await run_to_end(kernel, render_kernel_stubs(WEATHER))
         pending = await kernel.execute("print(get_weather('a'))")
@@ -189,8 +208,8 @@ async def test_time_waiting_for_tools_does_not_count() -> None:
         await pool.release(kernel)
 
 
-async def test_uninterruptible_cell_kills_the_kernel() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_uninterruptible_cell_kills_the_kernel(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         with pytest.raises(KernelDied, match="did not stop"):
             await run_to_end(
@@ -200,8 +219,8 @@ async def test_uninterruptible_cell_kills_the_kernel() -> None:
         await pool.wait_ready(1)  # replaced
 
 
-async def test_huge_output_is_capped() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_huge_output_is_capped(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         result = await run_to_end(kernel, "for _ in range(100):\n    print('x' * 1_000_000)")  # 100 MB
         assert result.output.truncated
@@ -211,8 +230,8 @@ async def test_huge_output_is_capped() -> None:
         await pool.release(kernel)
 
 
-async def test_cell_that_kills_its_kernel() -> None:
-    async with local_pool(min_idle=1, max_total=2) as (pool, _):
+async def test_cell_that_kills_its_kernel(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
         with pytest.raises(KernelDied, match="died"):
             await run_to_end(kernel, "import os\nos._exit(3)")
@@ -222,8 +241,8 @@ async def test_cell_that_kills_its_kernel() -> None:
         await pool.release(other)
 
 
-async def test_sessions_are_isolated_even_after_reuse() -> None:
-    async with local_pool(min_idle=1, max_total=1) as (pool, _):
+async def test_sessions_are_isolated_even_after_reuse(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=1) as (pool, _):
         a = await pool.acquire("A")
         done = await run_to_end(
             a, "secret = 42\nopen('a.txt', 'w').write('A')\nimport os\nprint(os.getcwd())"
@@ -241,10 +260,10 @@ async def test_sessions_are_isolated_even_after_reuse() -> None:
         assert not await asyncio.to_thread(Path(a_dir).exists)  # A's working directory went with its kernel
 
 
-async def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_environment_is_scrubbed(sandbox: Bubblewrap | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak")
     monkeypatch.setenv("CABLECTL_SECRET_TEST", "hunter2")
-    async with local_pool(min_idle=1, max_total=1) as (pool, _):
+    async with local_pool(sandbox, min_idle=1, max_total=1) as (pool, _):
         kernel = await pool.acquire("s")
         result = await run_to_end(
             kernel, "import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())"
@@ -256,8 +275,11 @@ async def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         await pool.release(kernel)
 
 
-async def test_resource_limits() -> None:
-    async with local_pool(min_idle=1, max_total=1, limits=ResourceLimits(memory_bytes=1 << 30)) as (pool, _):
+async def test_resource_limits(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=1, limits=ResourceLimits(memory_bytes=1 << 30)) as (
+        pool,
+        _,
+    ):
         kernel = await pool.acquire("s")
         result = await run_to_end(
             kernel,
@@ -268,8 +290,8 @@ async def test_resource_limits() -> None:
         await pool.release(kernel)
 
 
-async def test_exhaustion_is_a_503() -> None:
-    async with local_pool(min_idle=1, max_total=1, acquire_timeout=0.5) as (pool, _):
+async def test_exhaustion_is_a_503(sandbox: Bubblewrap | None) -> None:
+    async with local_pool(sandbox, min_idle=1, max_total=1, acquire_timeout=0.5) as (pool, _):
         await pool.wait_ready()
         kernel = await pool.acquire("s")
         with pytest.raises(PoolExhausted) as info:
@@ -281,8 +303,8 @@ async def test_exhaustion_is_a_503() -> None:
         await pool.release(other)
 
 
-async def test_no_orphans_after_cancellation() -> None:
-    provider = LocalKernelProvider(sandbox=SANDBOX[0])
+async def test_no_orphans_after_cancellation(sandbox: Bubblewrap | None) -> None:
+    provider = LocalKernelProvider(sandbox=sandbox)
     pool = KernelPool(provider, min_idle=2, max_total=3, limits=ExecLimits(timeout=60))
     await pool.start()
     await pool.wait_ready(1)

@@ -186,13 +186,13 @@ def test_without_the_sandbox_the_same_probe_finds_them(
 def test_without_bubblewrap_the_proxy_refuses_to_start_and_names_the_fix(
     tmp_path: Path, upstream_url: str, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    import proxy.app
+    import proxy.kernels.sandbox
     from proxy.app import create_app
     from proxy.config import load_settings
     from proxy.errors import ConfigError
     from tests.conftest import write_config
 
-    monkeypatch.setattr(proxy.app, "bwrap_path", lambda: None)
+    monkeypatch.setattr(proxy.kernels.sandbox.shutil, "which", lambda name: None)
     cfg = {"model_list": upstream_models(upstream_url), "kernels": {"sandbox": mode}}
     with pytest.raises(ConfigError) as info:
         create_app(load_settings(write_config(tmp_path, cfg), env={}))

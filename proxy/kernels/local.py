@@ -1,24 +1,28 @@
 """Local ipykernel processes through jupyter_client's async API.
 
-- IPC transport (unix sockets in a private runtime directory): ipykernel warns that
+- In a bubblewrap sandbox of its own by default (``kernels.sandbox``; see
+  ``proxy.kernels.sandbox``): its own namespaces, an unprivileged uid, only its own directories
+  of the host's files writable, nothing of any other kernel or of the proxy visible.
+- IPC transport (unix sockets in a private runtime directory per kernel): ipykernel warns that
   TCP traffic between proxy and kernel is unencrypted, and nothing else needs to reach it.
 - A minimal environment: PATH, HOME (the kernel's own directory), locale; never the
   proxy's environment, so no API key or proxy secret reaches user code.
 - Its own working directory per kernel (a kernel serves one session, then is discarded).
 - Optional resource limits (address space, CPU seconds, open files), applied by a
   tiny launcher before it execs ipykernel.
-- Kernels run as the proxy's user, so the proxy marks itself non-dumpable: its
-  ``/proc/<pid>/environ`` and memory are then closed to its own user's other processes
-  (root can still read them). The ``work/`` directory is write+search only (0300):
-  a kernel cannot list it to find another live kernel's directory (root can).
-- No network: the launcher moves the kernel into a network namespace of its own (only a
-  loopback that is down), so a program cannot reach Redis, the proxy, the cloud metadata
-  address or anything else. IPC sockets are files and still work. This needs root or
-  unprivileged user namespaces; ``network="auto"`` falls back to the host's network
-  (with a warning) where neither exists, ``"isolated"`` refuses to start instead.
+- No network: a sandbox has a network namespace of its own (only a loopback that is down),
+  so a program cannot reach Redis, the proxy, the cloud metadata address or anything else.
+  IPC sockets are files and still work. Unsandboxed, the launcher makes that namespace
+  itself where the host allows it (root or unprivileged user namespaces); ``network="auto"``
+  falls back to the host's network (with a warning) where neither exists, ``"isolated"``
+  refuses to start instead.
+- For unsandboxed kernels (``kernels.sandbox: none``), which run as the proxy's user and see
+  what it sees, the proxy marks itself non-dumpable (its ``/proc/<pid>/environ`` and memory are
+  closed to its own user's other processes; root can still read them), and ``work/`` is
+  write+search only (0300), so a kernel cannot list it to find another live kernel's directory.
 
-Local processes share the host's kernel, users and network: see the README's
-"Kernel isolation" section for what that cannot prevent, and gVisor/containers.
+See the README's "Kernel isolation" section for what each mode prevents, and what still needs
+remote kernels.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from proxy.kernels.base import KernelConnection, KernelProvider, Message
-from proxy.kernels.sandbox import sandbox_argv
+from proxy.kernels.sandbox import Bubblewrap, link_sockets, sandbox_launcher
 
 __all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits", "can_isolate_network"]
 
@@ -71,13 +75,8 @@ _LAUNCHER = (
 )
 
 
-# In a sandbox: bwrap's arguments for this kernel are in sandbox.json beside its connection
-# file (the last argument); exec bwrap with the launcher as the command inside.
-_SANDBOXED = (
-    "import json, os, sys\n"
-    "prefix = json.load(open(os.path.join(os.path.dirname(sys.argv[-1]), 'sandbox.json')))\n"
-    "os.execv(prefix[0], [*prefix, sys.executable, '-c', " + repr(_LAUNCHER) + ", *sys.argv[1:]])\n"
-)
+# In a sandbox: exec bwrap, with the launcher above as the command inside.
+_SANDBOXED = sandbox_launcher(_LAUNCHER)
 
 
 def can_isolate_network() -> bool:
@@ -190,11 +189,10 @@ class LocalKernelProvider(KernelProvider):
         startup_timeout: float = 60.0,
         extra_env: dict[str, str] | None = None,
         network: bool = True,
-        sandbox: str | None = None,
+        sandbox: Bubblewrap | None = None,
     ) -> None:
         """``network=False``: kernels get a network namespace of their own (see the module doc).
-        ``sandbox``: the path of ``bwrap``; each kernel then runs in a sandbox of its own
-        (``proxy.kernels.sandbox``)."""
+        ``sandbox``: each kernel runs in a bubblewrap sandbox of its own (``proxy.kernels.sandbox``)."""
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -272,9 +270,11 @@ class LocalKernelProvider(KernelProvider):
         runtime.mkdir(exist_ok=True, mode=0o700)
         rundir = runtime / kernel_id  # its connection file and sockets, and nothing else's
         rundir.mkdir(mode=0o700)
+        inside = None  # sandboxed: where its sockets appear (the proxy connects through links)
         if self.sandbox is not None:
-            prefix = sandbox_argv(self.sandbox, str(workdir), str(rundir), network=self.network)
-            (rundir / "sandbox.json").write_text(json.dumps(prefix))
+            inside = self.sandbox.prepare(
+                workdir, rundir, network=self.network, tmpfs_bytes=self.limits.memory_bytes
+            )
         manager = AsyncKernelManager(
             kernel_name=SPEC_NAME,
             kernel_spec_manager=self._spec_manager,
@@ -289,6 +289,10 @@ class LocalKernelProvider(KernelProvider):
             pid = kernel.pid()
             if pid is not None:
                 self.started_pids.append(pid)
+            if inside is not None:
+                ports = (manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port)
+                names = [f"ipc-{port}" for port in ports]
+                await link_sockets(inside, rundir, names, kernel.is_alive, self.startup_timeout)
             await kernel.open(self.startup_timeout)
         except BaseException:
             if kernel is not None:
