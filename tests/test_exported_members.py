@@ -35,6 +35,7 @@ MODULES = [
     "proxy.kernels.gateway",
     "proxy.kernels.local",
     "proxy.kernels.pool",
+    "proxy.kernels.sandbox",
     "proxy.actions",
     "proxy.actions.events",
     "proxy.actions.history",

@@ -58,18 +58,21 @@ def report_of(response: Any) -> dict[str, Any]:
     return dict(json.loads(json.loads(call.function.arguments)["city"]))
 
 
+@pytest.mark.parametrize("sandbox", ["auto", "none"])
 def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
     make_proxy: ProxyFactory,
     upstream_url: str,
     upstream: ScriptedUpstream,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    sandbox: str,
 ) -> None:
+    """In its sandbox (the default; tests/test_sandbox.py probes it all) and without one."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-secret-in-the-proxy-env")
     proxy = make_proxy(
         {
             "model_list": upstream_models(upstream_url),
-            "kernels": {"min_idle": 1, "max_total": 2},
+            "kernels": {"min_idle": 1, "max_total": 2, "sandbox": sandbox},
             "sessions": {"redis_url": redis_url, "secret": "a-session-secret-of-replicas"},
         }
     )
@@ -93,7 +96,7 @@ def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
         "MPLBACKEND",
         "JPY_PARENT_PID",
         "JPY_SESSION_NAME",
-        "PWD",  # set by the sandbox: the working directory
+        "PWD",  # set by bwrap: the working directory
         "PYDEVD_USE_FRAME_EVAL",
         "COLUMNS",
         "LINES",
@@ -106,11 +109,18 @@ def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
         "GIT_PAGER",
     }, report["env"]
     # no network: its own namespace, where even loopback is down
-    if can_isolate_network():
+    if sandbox == "auto" or can_isolate_network():
         assert report["redis"] != "connected" and report["proxy"] != "connected"
     else:
         assert not IN_CI, "CI runs as root: kernels must get their own network namespace"
-    # the proxy is non-dumpable, so its /proc environ is closed to its user's processes (not to root)
+    if sandbox == "auto":
+        # its parent is the sandbox's init (its environment is the kernel's), and the only
+        # working directory that exists in its view of work/ is its own
+        assert "sk-live-secret" not in report["proxy_environ"]
+        assert report["work"] == [os.path.basename(report["cwd"])]
+        return
+    # unsandboxed: the proxy is non-dumpable, so its /proc environ is closed to its user's
+    # processes (not to root), and work/ cannot be listed (except by root)
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE of this (the proxy's) process
     if ROOT:
