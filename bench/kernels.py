@@ -1,5 +1,5 @@
 """Kernel pool figures, measured in one run with real ipykernels, without a sandbox and in
-bubblewrap sandboxes (``kernels.sandbox``), side by side:
+bubblewrap sandboxes (``kernels.sandbox``), side by side (samples interleaved):
 
 - warm ``acquire`` from the pool against a cold kernel start (p50, and the ratio);
 - a trivial cell's round trip (``1``);
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.stats import pct  # noqa: E402
 from proxy.kernels import ExecLimits, Finished, KernelPool, Pending  # noqa: E402
 from proxy.kernels.local import LocalKernel, LocalKernelProvider  # noqa: E402
-from proxy.kernels.sandbox import bwrap_path, bwrap_works  # noqa: E402
+from proxy.kernels.sandbox import Bubblewrap  # noqa: E402
 from translators.kernel_stubs import render_kernel_stubs  # noqa: E402
 from translators.tools import Toolset  # noqa: E402
 
@@ -87,62 +87,87 @@ def meminfo_kb(field: str) -> int:
     return 0
 
 
-async def measure(provider: LocalKernelProvider, samples: int) -> dict[str, Any]:
-    cold: list[float] = []
-    for _ in range(8):
-        started = time.perf_counter()
-        kernel = await provider.start_kernel()
-        cold.append((time.perf_counter() - started) * 1000)
-        await kernel.shutdown()
+async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> dict[str, dict[str, Any]]:
+    """Each figure for every provider, their samples interleaved (A, B, A, B, ...), so a busy
+    neighbour on a shared machine slows both columns alike."""
+    out: dict[str, dict[str, Any]] = {
+        name: {"cold": [], "warm": [], "trivial": [], "calls": []} for name in providers
+    }
+    for _ in range(10):
+        for name, provider in providers.items():
+            started = time.perf_counter()
+            kernel = await provider.start_kernel()
+            out[name]["cold"].append((time.perf_counter() - started) * 1000)
+            await kernel.shutdown()
 
-    pool = KernelPool(provider, min_idle=4, max_total=8, limits=ExecLimits(timeout=60))
-    async with pool:
-        warm: list[float] = []
+    pools = {
+        name: KernelPool(provider, min_idle=4, max_total=8, limits=ExecLimits(timeout=60))
+        for name, provider in providers.items()
+    }
+    for pool in pools.values():
+        await pool.start()
+    try:
         for _ in range(24):
+            for name, pool in pools.items():
+                await pool.wait_ready(4, timeout=120)
+                started = time.perf_counter()
+                kernel = await pool.acquire("bench")
+                out[name]["warm"].append((time.perf_counter() - started) * 1000)
+                await pool.release(kernel)
+
+        kernels = {}
+        for name, pool in pools.items():
             await pool.wait_ready(4, timeout=120)
-            started = time.perf_counter()
-            kernel = await pool.acquire("bench")
-            warm.append((time.perf_counter() - started) * 1000)
-            await pool.release(kernel)
+            kernels[name] = await pool.acquire("bench")
+            await kernels[name].execute(render_kernel_stubs(TOOLS))
+        for _ in range(samples // 10):
+            for name, kernel in kernels.items():
+                for _ in range(10):
+                    started = time.perf_counter()
+                    result = await kernel.execute("1")
+                    out[name]["trivial"].append((time.perf_counter() - started) * 1000)
+                    assert isinstance(result, Finished)
 
-        await pool.wait_ready(4, timeout=120)
-        kernel = await pool.acquire("bench")
-        await kernel.execute(render_kernel_stubs(TOOLS))
-        trivial: list[float] = []
-        for _ in range(samples):
-            started = time.perf_counter()
-            result = await kernel.execute("1")
-            trivial.append((time.perf_counter() - started) * 1000)
-            assert isinstance(result, Finished)
+        pending = {
+            name: await kernel.execute(f"for i in range({samples + 1}):\n    echo(x=i)")
+            for name, kernel in kernels.items()
+        }
+        while any(isinstance(p, Pending) for p in pending.values()):
+            for name, kernel in kernels.items():
+                result = pending[name]
+                if isinstance(result, Pending):
+                    started = time.perf_counter()
+                    pending[name] = await kernel.reply(result.request.arguments["x"])
+                    if isinstance(pending[name], Pending):
+                        out[name]["calls"].append((time.perf_counter() - started) * 1000)
+        for name, kernel in kernels.items():
+            await pools[name].release(kernel)
 
-        calls: list[float] = []
-        result = await kernel.execute(f"for i in range({samples + 1}):\n    echo(x=i)")
-        while isinstance(result, Pending):
-            started = time.perf_counter()
-            result = await kernel.reply(result.request.arguments["x"])
-            if isinstance(result, Pending):
-                calls.append((time.perf_counter() - started) * 1000)
-        await pool.release(kernel)
-
-        await pool.wait_ready(4, timeout=120)
-        idle = [c for c in pool._idle if isinstance(c, LocalKernel)]
-        mem = [tree_memory_kb(pid) for c in idle if (pid := c.pid()) is not None]
-    return {"cold": cold, "warm": warm, "trivial": trivial, "calls": calls, "mem": mem}
+        for name, pool in pools.items():
+            await pool.wait_ready(4, timeout=120)
+            idle = [c for c in pool._idle if isinstance(c, LocalKernel)]
+            out[name]["mem"] = [tree_memory_kb(pid) for c in idle if (pid := c.pid()) is not None]
+    finally:
+        for pool in pools.values():
+            await pool.aclose()
+    return out
 
 
 async def main(samples: int) -> None:
-    bwrap = bwrap_path() if bwrap_works() else None
-    kinds: dict[str, str | None] = {"none": None} | ({"bwrap": bwrap} if bwrap else {})
-    results = {}
-    for name, sandbox in kinds.items():
-        provider = LocalKernelProvider(sandbox=sandbox, network=False)
-        try:
-            results[name] = await measure(provider, samples)
-        finally:
+    bwrap = Bubblewrap.find()
+    usable = bwrap is not None and bwrap.problem() is None
+    # both without the host's network, as kernels run by default
+    providers = {"none": LocalKernelProvider(network=False)}
+    if usable:
+        providers["bwrap"] = LocalKernelProvider(network=False, sandbox=bwrap)
+    try:
+        results = await measure(providers, samples)
+    finally:
+        for provider in providers.values():
             await provider.aclose()
     total = meminfo_kb("MemTotal") / 1024
-    print("kernel pool, real ipykernels, IPC transport, 2-core machine; sandbox: none vs bwrap")
-    if bwrap is None:
+    print("kernel pool, real ipykernels, IPC transport; sandbox: none vs bwrap, samples interleaved")
+    if not usable:
         print("  (bubblewrap cannot make a sandbox here: only 'none' measured)")
     rows = [
         ("cold kernel start", "cold", "ms", "(target: bwrap <= 1.5x none)"),

@@ -38,6 +38,7 @@ class RequestRecord:
     model: str | None = None
     key_id: str | None = None
     stream: bool = False
+    surface: str | None = None  # chat.completions, responses, messages (None: not a model API)
     status: int | None = None
     error: str | None = None
     clock: UpstreamClock = field(default_factory=UpstreamClock)
@@ -51,6 +52,7 @@ class RequestRecord:
             "model": self.model,
             "served_by": self.clock.served_by,
             "key_id": self.key_id,
+            "surface": self.surface,
             "stream": self.stream,
             "status": self.status,
             "total_ms": round(total, 3),

@@ -13,11 +13,10 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,14 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
-from proxy.actions.events import Event, Finished, Started, TextDelta, ToolCallStarted
-from proxy.actions.loop import ActionLoop, SessionKey
+from proxy.actions.loop import ActionLoop
 from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
 from proxy.config import Settings
+from proxy.endpoints import SSE_HEADERS, add_surface_routes, is_messages_path, messages_error_response
 from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionDenied, RequestTooLarge
+from proxy.front import Front, guarded_sse
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
@@ -43,6 +43,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, InMemorySessionStore, RedisSessionStore, SessionStore
+from proxy.surfaces import ResponseStore
 from proxy.toolsets import build_toolsets
 from proxy.tracing import TRACE_HEADER, Span, build_tracer
 
@@ -243,6 +244,8 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     metrics.watch(pool.stats, lambda: len(runtime.live))
     loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
     routes = {entry.model_name: entry for entry in settings.model_list}
+    front = Front(router, loop, tracer, routes, toolsets)
+    responses = ResponseStore(store, ttl=settings.sessions.ttl_seconds)
     replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     started_at = time.time()
 
@@ -312,24 +315,40 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
 
     def observe(record: RequestRecord, finished: float) -> None:
         metrics.observe_request(
-            record.model, record.status or 499, finished - record.started, record.clock.ms / 1000
+            record.model,
+            record.status or 499,
+            finished - record.started,
+            record.clock.ms / 1000,
+            record.surface,
         )
 
     app.add_middleware(AccessLogMiddleware, on_finish=observe)
 
     @app.exception_handler(CablectlError)
-    async def _cablectl_error(request: Request, exc: CablectlError) -> JSONResponse:
+    async def _cablectl_error(request: Request, exc: CablectlError) -> Response:
         record: RequestRecord | None = getattr(request.state, "record", None)
         if record is not None:
             record.error = exc.error_code or exc.type
+        if is_messages_path(request.url.path):  # Anthropic's clients read Anthropic's error shape
+            return messages_error_response(exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_invalid_from_validation(exc))
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return await _cablectl_error(request, _invalid_from_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if is_messages_path(request.url.path):
+            status = exc.status_code
+            message = (
+                f"{request.method} {request.url.path} is not part of this API."
+                if status in (404, 405)
+                else str(exc.detail)
+            )
+            error = InvalidRequest(message, code="unknown_url")
+            error.status = status  # type: ignore[misc]
+            return messages_error_response(error)
         if exc.status_code == 404:
             return _openai_error(
                 404,
@@ -347,9 +366,13 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         return _openai_error(exc.status_code, str(exc.detail), "invalid_request_error", None)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         # the one boundary where anything is caught: log it whole, answer without a traceback
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if is_messages_path(request.url.path):
+            return messages_error_response(
+                CablectlError("The proxy hit an internal error; it has been logged.")
+            )
         return _openai_error(
             500, "The proxy hit an internal error; it has been logged.", "server_error", "internal_error"
         )
@@ -403,6 +426,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streamed (SSE) or not."""
         record: RequestRecord = request.state.record
+        record.surface = "chat.completions"
         principal = principal_for(request)
         raw = await _read_body(request, body_limit)
         payload, chat = _parse_request(raw)
@@ -414,40 +438,21 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
                 "add it to that key's 'models' in config.yaml or use another key",
                 param="model",
             )
-        entry = routes.get(chat.model)
-        if entry is not None and entry.code_actions and (chat.tools or entry.toolsets):
-            offered = [toolsets[n] for n in entry.toolsets if principal.may_use_toolset(n)]
-            denied = {
-                f for n in entry.toolsets if not principal.may_use_toolset(n) for f in toolsets[n].names()
-            }
-            session = _session_key(request, payload, principal)
-            metadata = payload.get("metadata")
-            if isinstance(metadata, dict) and "session_id" in metadata:  # ours: not the upstream's
-                rest = {k: v for k, v in metadata.items() if k != "session_id"}
-                payload = {k: v for k, v in payload.items() if k != "metadata"} | (
-                    {"metadata": rest} if rest else {}
-                )
-            events = loop.stream(
-                entry, chat, payload, record.clock, offered, denied, session, principal.key_id
-            )
-            head = await _head(events)  # a failure before the first visible event is an HTTP error
-            started = next((e for e in head if isinstance(e, Started)), None)
-            traced = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}
+        if front.loop_entry(chat) is not None:
+            answer = await front.answer(request, principal, record, payload, chat, "chat.completions")
             if not chat.stream:
                 try:
-                    result = await collect(_chain(head, events))
+                    result = await collect(answer.events)
                 finally:
-                    await _close(events)
-                return Response(chat_body(result, chat.model), media_type="application/json", headers=traced)
+                    await answer.close()
+                return Response(
+                    chat_body(result, chat.model), media_type="application/json", headers=answer.headers
+                )
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _guarded_sse(
-                    chat_chunks(_chain(head, events), chat.model, include_usage),
-                    record,
-                    lambda: _close(events),
-                ),
+                guarded_sse(chat_chunks(answer.events, chat.model, include_usage), record, answer.close),
                 media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
+                headers={**SSE_HEADERS, **answer.headers},
             )
         span = tracer.start(
             "chat.completions", input=payload.get("messages"), metadata={"stream": bool(chat.stream)}
@@ -470,8 +475,13 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         return StreamingResponse(
             _relay(stream, record, (generation, span)),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **traced},
+            headers={**SSE_HEADERS, **traced},
         )
+
+    async def read_body(request: Request) -> bytes:
+        return await _read_body(request, body_limit)
+
+    add_surface_routes(app, front, responses, read_body, principal_for)
 
     for path, in_schema in (("/v1/chat/completions", True), ("/chat/completions", False)):
         app.add_api_route(
@@ -495,88 +505,6 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
 
     app.openapi = openapi_with_defs  # type: ignore[method-assign]
     return app
-
-
-SESSION_HEADER = "x-cablectl-session"
-
-
-def _session_key(request: Request, payload: dict[str, Any], principal: Principal) -> SessionKey | None:
-    """The session the client names (header, or ``metadata.session_id``), within its API key."""
-    metadata = payload.get("metadata")
-    name = request.headers.get(SESSION_HEADER)
-    param = SESSION_HEADER
-    if name is None and isinstance(metadata, dict) and metadata.get("session_id") is not None:
-        name, param = metadata["session_id"], "metadata.session_id"
-    if name is None:
-        return None
-    if not isinstance(name, str) or not 1 <= len(name) <= 256 or not name.isprintable():
-        raise InvalidRequest(
-            f"{param} must be a string of 1 to 256 printable characters naming your conversation",
-            param=param,
-        )
-    return SessionKey(principal.key_id, name)
-
-
-async def _close(events: AsyncIterator[Event]) -> None:
-    """Close the loop's event stream (shielded: it runs when a client went away too), so the
-    model stops, the session lock is released and the kernel is back in its place."""
-    with anyio.CancelScope(shield=True):
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _head(events: AsyncIterator[Event]) -> list[Event]:
-    """The loop's events up to the first one a client sees. What fails before that raises
-    (an HTTP error with its status); nothing has been sent yet."""
-    head: list[Event] = []
-    try:
-        async for event in events:
-            head.append(event)
-            if isinstance(event, TextDelta | ToolCallStarted | Finished):
-                break
-    except BaseException:
-        await _close(events)
-        raise
-    return head
-
-
-async def _chain(head: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    for event in head:
-        yield event
-    async for event in events:
-        yield event
-
-
-async def _guarded_sse(
-    chunks: AsyncIterator[bytes], record: RequestRecord, cleanup: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """SSE bytes as they are produced; a failure mid-stream becomes an error event, and
-    ``cleanup`` runs whatever happens (shielded: a client that went away cancels this task)."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except CablectlError as exc:
-        record.error = exc.error_code or exc.type
-        log.warning("stream for %s failed: %s", record.model, exc.message)
-        yield b"data: " + orjson.dumps(exc.to_body()) + b"\n\n"
-    except Exception:  # the stream's own boundary: the status line has already gone out
-        record.error = "internal_error"
-        log.exception("stream for %s failed", record.model)
-        yield b"data: " + orjson.dumps(_INTERNAL_STREAM_ERROR) + b"\n\n"
-    finally:
-        with anyio.CancelScope(shield=True):
-            await cleanup()
-
-
-_INTERNAL_STREAM_ERROR = {
-    "error": {
-        "message": "The stream failed inside the proxy; it has been logged.",
-        "type": "server_error",
-        "param": None,
-        "code": "internal_error",
-    }
-}
 
 
 def _end_traced(body: bytes, generation: Span, span: Span) -> None:
@@ -620,5 +548,5 @@ async def _relay(
             for span in spans:
                 span.end(error=record.error, metadata={"stream": True})
 
-    async for chunk in _guarded_sse(timed(), record, cleanup):
+    async for chunk in guarded_sse(timed(), record, cleanup):
         yield chunk

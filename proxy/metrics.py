@@ -79,8 +79,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "cablectl_requests",
-            "Requests answered, by model and HTTP status",
-            ["model", "status"],
+            "Requests answered, by model, HTTP status and API surface",
+            ["model", "status", "surface"],
             registry=r,
         )
         self.total = Histogram(
@@ -141,9 +141,11 @@ class Metrics:
     def watch(self, pool_stats: Callable[[], PoolStats], active_sessions: Callable[[], int]) -> None:
         self.registry.register(_LiveCollector(pool_stats, active_sessions))
 
-    def observe_request(self, model: str | None, status: int, total_s: float, upstream_s: float) -> None:
+    def observe_request(
+        self, model: str | None, status: int, total_s: float, upstream_s: float, surface: str | None = None
+    ) -> None:
         label = model if model in self.known_models else ("-" if model is None else "unknown")
-        self.requests.labels(label, str(status)).inc()
+        self.requests.labels(label, str(status), surface or "-").inc()
         self.total.labels(label).observe(total_s)
         self.upstream.labels(label).observe(upstream_s)
         self.overhead.labels(label).observe(max(0.0, total_s - upstream_s))

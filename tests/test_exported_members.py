@@ -22,6 +22,8 @@ MODULES = [
     "proxy.cli",
     "proxy.config",
     "proxy.config_errors",
+    "proxy.endpoints",
+    "proxy.front",
     "proxy.metrics",
     "proxy.tracing",
     "proxy.views",

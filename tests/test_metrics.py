@@ -70,9 +70,11 @@ def test_metrics_after_a_conversation(
     def value(name: str, **labels: str) -> float:
         return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    assert value("cablectl_requests_total", model=model, status="200") == 5
-    assert value("cablectl_requests_total", model="unknown", status="404") == 1
-    assert value("cablectl_requests_total", model="-", status="400") == 1  # rejected before a model was read
+    assert value("cablectl_requests_total", model=model, status="200", surface="chat.completions") == 5
+    assert value("cablectl_requests_total", model="unknown", status="404", surface="chat.completions") == 1
+    assert (
+        value("cablectl_requests_total", model="-", status="400", surface="chat.completions") == 1
+    )  # rejected before a model was read
     assert not any("evil" in str(labels) for _, labels in m)
     for histogram in ("request", "upstream", "overhead"):
         assert value(f"cablectl_{histogram}_duration_seconds_count", model=model) == 5

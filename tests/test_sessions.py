@@ -95,6 +95,22 @@ async def test_lock_excludes_and_expires(store: SessionStore) -> None:
         pass
 
 
+async def test_values_are_kept_replaced_expired_and_deleted(store: SessionStore) -> None:
+    key = f"response:{new_session_id()}"
+    assert await store.get_value(key) is None
+    await store.put_value(key, b"\x00first", ttl=60)
+    assert await store.get_value(key) == b"\x00first"  # bytes kept as they are
+    await store.put_value(key, b"second", ttl=60)
+    assert await store.get_value(key) == b"second"
+    assert await store.delete_value(key) is True
+    assert await store.delete_value(key) is False
+    assert await store.get_value(key) is None
+    await store.put_value(key, b"short", ttl=0.2)
+    await asyncio.sleep(0.4)
+    assert await store.get_value(key) is None
+    assert key.split(":", 1)[1] not in await store.sessions()  # values are not sessions
+
+
 async def test_redis_log_is_shared_by_replicas(redis_url: str) -> None:
     first = RedisSessionStore(redis_url, prefix="replica:")
     second = RedisSessionStore(redis_url, prefix="replica:")

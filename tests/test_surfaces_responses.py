@@ -31,6 +31,7 @@ from proxy.actions.events import (
     Usage,
 )
 from proxy.errors import CablectlError, InvalidRequest, UpstreamError, UpstreamRateLimited
+from proxy.sessions import InMemorySessionStore
 from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
 from proxy.surfaces.response_store import ResponseNotFound, ResponseStore
 from proxy.surfaces.responses import (
@@ -52,25 +53,9 @@ WEATHER = {
 CALL_ID = "call_0123456789abcdef_1_0123456789abcdef"
 
 
-class Values:
-    """The session store's key-value methods, in a dict (until they land in proxy.sessions.store)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    async def get_value(self, key: str) -> bytes | None:
-        return self.data.get(key)
-
-    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
-        self.data[key] = value
-
-    async def delete_value(self, key: str) -> None:
-        self.data.pop(key, None)
-
-
 @pytest.fixture
 def store() -> ResponseStore:
-    return ResponseStore(Values(), ttl=60)
+    return ResponseStore(InMemorySessionStore(), ttl=60)
 
 
 async def stream_of(*events: Event) -> AsyncIterator[Event]:
@@ -632,7 +617,7 @@ async def test_a_failure_mid_stream_is_response_failed(
     assert (failed.error.code, failed.error.message) == (code, exc.message)
     # the thought was done when the call began; the call was cut off
     assert [o.status for o in failed.output] == ["completed", "incomplete"]  # type: ignore[union-attr]
-    assert store._store.data == {}  # type: ignore[attr-defined]  # a failed response is not stored
+    assert await store.get(call.response_id, call.owner) is None  # a failed response is not stored
     with pytest.raises(type(exc)):  # not streamed: the caller answers with the error's status
         await render_responses_json(fail_after(events, exc), call, store)
 

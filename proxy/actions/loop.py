@@ -190,6 +190,20 @@ class ActionLoop:
             raise InvalidRequest(exc.message, param=exc.param) from exc
         return toolset, choice, servers
 
+    def prompt_for(
+        self,
+        request: ChatCompletionRequest,
+        payload: dict[str, Any],
+        server: list[ServerToolset] | None = None,
+        denied: set[str] | None = None,
+    ) -> list[Message]:
+        """The messages the model would see for this request's first turn (tools as stubs);
+        a bad request raises as ``stream`` would."""
+        messages: list[Message] = list(payload["messages"])
+        check_tool_messages(messages)
+        toolset, choice, _ = self._toolset(payload, request, server or [], denied or set())
+        return build_prompt(messages, toolset, choice, request.parallel_tool_calls is not False)
+
     async def stream(
         self,
         entry: ModelEntry,
@@ -200,28 +214,38 @@ class ActionLoop:
         denied: set[str] | None = None,
         session: SessionKey | None = None,
         owner: str = "anonymous",
+        continues: str | None = None,
+        surface: str = "chat.completions",
     ) -> AsyncIterator[Event]:
         """Answer one request as events. Anything wrong with the request raises before the first.
 
         The session: the one the conversation's tool-call ids name, else the one the client
-        names (``session``, scoped to its API key), else the one whose answered conversation
-        this request's history extends (``owner``'s, and only if exactly one), else a new one."""
+        names (``session``, scoped to its API key), else ``continues`` (a session the proxy
+        itself recorded for this conversation, e.g. a stored response's), else the one whose
+        answered conversation this request's history extends (``owner``'s, and only if exactly
+        one), else a new one. ``surface`` names the API in the trace."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
         toolset, choice, servers = self._toolset(payload, request, server or [], denied or set())
         session_id = (
             self._session_of(messages)
             or (session.session_id if session else None)
+            or continues
             or await self._session_by_history(owner, messages)
             or new_session_id()
         )
         answers = trailing_tool_results(messages)
         parallel = request.parallel_tool_calls is not False
         with self.tracer.request(
-            "chat.completions",
+            surface,
             session_id=session_id,
             input=answers or messages[-1:],
-            metadata={"model": request.model, "grammar": entry.grammar_mode, "stream": bool(request.stream)},
+            metadata={
+                "model": request.model,
+                "grammar": entry.grammar_mode,
+                "stream": bool(request.stream),
+                "surface": surface,
+            },
         ) as span:
             for answer in _client_answers(messages, answers):
                 with span.child("tool", "tool", input=answer, metadata={"kind": "client"}) as tool_span:

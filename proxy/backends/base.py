@@ -15,10 +15,12 @@ A backend serves one route, two ways:
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 import orjson
 
 from proxy.config import ModelEntry
@@ -31,7 +33,15 @@ from proxy.errors import (
 )
 from proxy.schemas import ChatCompletionRequest
 
-__all__ = ["Generation", "GenerationRequest", "Grammar", "ModelBackend", "SSEStream", "error_from_upstream"]
+__all__ = [
+    "Generation",
+    "GenerationRequest",
+    "Grammar",
+    "ModelBackend",
+    "SSEStream",
+    "error_from_upstream",
+    "import_litellm",
+]
 
 
 class SSEStream(abc.ABC):
@@ -105,6 +115,17 @@ class Generation(abc.ABC):
     async def aclose(self) -> None: ...
 
 
+def import_litellm() -> Any:
+    """litellm, imported offline: it fetches a price list from the network on import unless
+    told not to, and this proxy runs without a network."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
 class ModelBackend(abc.ABC):
     """One route's model. Real implementations: direct (aiohttp), litellm, local (llama.cpp)."""
 
@@ -135,6 +156,18 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     async def generate(self, job: GenerationRequest) -> Generation:
         """Start one generation of the action loop; raise before returning if it cannot start."""
+
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+        """About how many input tokens ``messages`` (and ``tools``) cost on this route's model:
+        litellm's counter for the upstream model (its own tokenizer where litellm ships one,
+        else cl100k), run off the event loop."""
+        token_counter = import_litellm().token_counter
+        model = str(self.entry.litellm_params.model or self.name)
+        return int(
+            await anyio.to_thread.run_sync(
+                lambda: token_counter(model=model, messages=messages, tools=tools or None)
+            )
+        )
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:

@@ -7,13 +7,19 @@ The Router gets every litellm route and ``router_settings`` (retries, timeouts,
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
 
-from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream, error_from_upstream
+from proxy.backends.base import (
+    Generation,
+    GenerationRequest,
+    ModelBackend,
+    SSEStream,
+    error_from_upstream,
+    import_litellm,
+)
 from proxy.config import ModelEntry, RouterSettings
 from proxy.errors import CablectlError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.schemas import ChatCompletionRequest
@@ -24,17 +30,6 @@ __all__ = ["LiteLLMBackend", "LiteLLMRouter"]
 _LOCAL_ONLY = {"model_path", "n_ctx", "n_threads", "n_batch", "n_contexts"}
 # cablectl applies these itself on every route
 _ROUTER_OWN = {"fallbacks"}
-
-
-def _import_litellm() -> Any:
-    # litellm fetches a price list from the network on import unless told not to;
-    # this proxy runs offline.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    litellm.telemetry = False
-    litellm.suppress_debug_info = True
-    return litellm
 
 
 class LiteLLMRouter:
@@ -49,7 +44,7 @@ class LiteLLMRouter:
     def start(self) -> None:
         if self.router is not None or not self._entries:
             return
-        self.litellm = _import_litellm()
+        self.litellm = import_litellm()
         model_list = [
             {
                 "model_name": entry.model_name,

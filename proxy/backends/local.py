@@ -27,6 +27,7 @@ from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSE
 from proxy.config import ModelEntry
 from proxy.errors import ConfigError, InvalidRequest, ServiceUnavailable
 from proxy.schemas import ChatCompletionRequest, Message
+from translators.prompt import content_text
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -118,6 +119,7 @@ class LocalBackend(ModelBackend):
         for _ in range(params.n_contexts):
             llama = await anyio.to_thread.run_sync(self._load, path)
             self._contexts.put_nowait(llama)
+            self._tokenizer = llama  # the vocabulary is read-only: counting needs no context of its own
         self._loaded = True
         log.info(
             "loaded model %s from %s (n_ctx=%d, contexts=%d) in %.2fs",
@@ -148,6 +150,21 @@ class LocalBackend(ModelBackend):
 
     def ready(self) -> bool:
         return self._loaded
+
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+        """The model's own tokenizer over each message's text, plus the chat template's few
+        tokens per message (its role markers): what the prompt costs, to a few tokens."""
+        if not self._loaded:
+            raise ServiceUnavailable(f"model {self.name!r} is still loading; retry in a moment")
+        llama = self._tokenizer
+        texts = [content_text(m.get("content")) for m in messages]
+        texts += [orjson.dumps(m["tool_calls"]).decode() for m in messages if m.get("tool_calls")]
+        texts += [orjson.dumps(t).decode() for t in tools or []]
+
+        def count() -> int:
+            return sum(len(llama.tokenize(t.encode(), add_bos=False, special=False)) for t in texts if t)
+
+        return await anyio.to_thread.run_sync(count) + 4 * len(messages) + 3
 
     async def _acquire(self) -> Llama:
         if not self._loaded:

@@ -10,6 +10,7 @@ Two implementations of one ABC: ``RedisSessionStore`` (config ``redis_url``) and
     cablectl:s:<id>:log    LIST of JSON events (RPUSH), expires after the TTL
     cablectl:s:<id>:lock   the lock token (SET NX PX), expires by itself if its holder dies
     cablectl:r:<replica>   JSON: that replica's kernels, refreshed every few seconds, with a TTL
+    cablectl:kv:<key>      a value another part keeps beside the sessions (stored responses), with a TTL
 
 Every event is stamped with ``at`` (Unix time) when appended, unless it has one.
 """
@@ -102,6 +103,18 @@ class SessionStore(abc.ABC):
     async def session_of_digest(self, digest: str) -> str | None:
         """The one session a conversation digest names, or None (unknown or ambiguous)."""
 
+    @abc.abstractmethod
+    async def get_value(self, key: str) -> bytes | None:
+        """A value kept with ``put_value``; None if absent or expired."""
+
+    @abc.abstractmethod
+    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds (replacing what was there)."""
+
+    @abc.abstractmethod
+    async def delete_value(self, key: str) -> bool:
+        """Forget a value; False if there was none."""
+
     async def ping(self) -> bool:
         return True
 
@@ -142,6 +155,20 @@ class InMemorySessionStore(SessionStore):
         self._locks: dict[str, tuple[float, str]] = {}
         self._replicas: dict[str, tuple[float, dict[str, Any]]] = {}
         self._digests: dict[str, tuple[float, str]] = {}
+        self._values: dict[str, tuple[float, bytes]] = {}
+
+    async def get_value(self, key: str) -> bytes | None:
+        held = self._values.get(key)
+        if held is None or held[0] < time.monotonic():
+            self._values.pop(key, None)
+            return None
+        return held[1]
+
+    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
+        self._values[key] = (time.monotonic() + ttl, bytes(value))
+
+    async def delete_value(self, key: str) -> bool:
+        return await self.get_value(key) is not None and self._values.pop(key, None) is not None
 
     async def claim_digest(self, digest: str, session_id: str) -> None:
         held = self._digests.get(digest)
@@ -183,6 +210,8 @@ class InMemorySessionStore(SessionStore):
             del self._locks[sid]
         for digest in [d for d, (until, _) in self._digests.items() if until < now]:
             del self._digests[digest]
+        for key in [k for k, (until, _) in self._values.items() if until < now]:
+            del self._values[key]
         return len(expired)
 
     async def sessions(self) -> list[str]:
@@ -234,6 +263,7 @@ class RedisSessionStore(SessionStore):
         prefix: str = "cablectl:s:",
         replica_prefix: str = "cablectl:r:",
         secret_key: str = "cablectl:secret",
+        value_prefix: str = "cablectl:kv:",
     ) -> None:
         super().__init__(ttl, lock_ttl)
         import redis.asyncio as aioredis
@@ -242,6 +272,7 @@ class RedisSessionStore(SessionStore):
         self._prefix = prefix
         self._replica_prefix = replica_prefix
         self._secret_key = secret_key
+        self._value_prefix = value_prefix
         self._unlock_script = self._redis.register_script(_UNLOCK)
         self._claim_script = self._redis.register_script(_CLAIM)
 
@@ -322,6 +353,16 @@ class RedisSessionStore(SessionStore):
             return None
         owner = held.decode() if isinstance(held, bytes) else str(held)
         return None if owner == AMBIGUOUS else owner
+
+    async def get_value(self, key: str) -> bytes | None:
+        raw = await self._call(self._redis.get(self._value_prefix + key))
+        return None if raw is None else bytes(raw)
+
+    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
+        await self._call(self._redis.set(self._value_prefix + key, value, px=max(1, int(ttl * 1000))))
+
+    async def delete_value(self, key: str) -> bool:
+        return bool(await self._call(self._redis.delete(self._value_prefix + key)))
 
     async def shared_secret(self, candidate: bytes) -> bytes:
         await self._call(self._redis.set(self._secret_key, candidate.hex(), nx=True))

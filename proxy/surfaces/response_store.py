@@ -36,13 +36,14 @@ class KeyValueStore(Protocol):
 
     async def put_value(self, key: str, value: bytes, ttl: float) -> None: ...
 
-    async def delete_value(self, key: str) -> Any: ...
+    async def delete_value(self, key: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     response: dict[str, Any]  # the response object, as the client received it
     messages: list[dict[str, Any]]  # chat messages: the conversation, this response's output last
+    session_id: str | None = None  # the session that answered it (None: no tools, no session)
 
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,10 +81,18 @@ class ResponseStore:
     def _key(response_id: str) -> str:
         return f"response:{response_id}"
 
-    async def save(self, owner: str, history: list[dict[str, Any]], response: dict[str, Any]) -> None:
-        """Keep ``response`` (a final response object) with the conversation that led to it."""
+    async def save(
+        self,
+        owner: str,
+        history: list[dict[str, Any]],
+        response: dict[str, Any],
+        session_id: str | None = None,
+    ) -> None:
+        """Keep ``response`` (a final response object) with the conversation that led to it
+        and the session that answered it."""
         value = {
             "owner": owner,
+            "session_id": session_id,
             "response": response,
             "messages": [*history, *output_messages(response.get("output", []))],
         }
@@ -96,7 +105,9 @@ class ResponseStore:
         value = orjson.loads(raw)
         if value.get("owner") != owner:
             return None
-        return StoredResponse(response=value["response"], messages=value["messages"])
+        return StoredResponse(
+            response=value["response"], messages=value["messages"], session_id=value.get("session_id")
+        )
 
     async def require(self, response_id: str, owner: str, param: str | None = None) -> StoredResponse:
         """The stored response, or ``ResponseNotFound`` (404) naming the fix."""

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from proxy.actions.events import (
     Event,
     Finished,
+    Started,
     TextDelta,
     ToolCallArguments,
     ToolCallDone,
@@ -164,6 +165,7 @@ class ResponsesCall:
     chat: ChatCompletionRequest  # ``payload`` validated
     history: list[dict[str, Any]]  # chat messages without instructions: earlier responses', then input
     owner: str  # the API key's id: stored responses are per key
+    continues: str | None = None  # the session of ``previous_response_id``: the follow-up continues it
     response_id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -335,15 +337,22 @@ async def parse_responses_request(raw: bytes, store: ResponseStore, owner: str) 
     _refuse_unsupported(data)
     request = validated(ResponsesRequest, data)
     history: list[dict[str, Any]] = []
+    continues = None
     if request.previous_response_id is not None:
         stored = await store.require(request.previous_response_id, owner, param="previous_response_id")
         history = list(stored.messages)
+        continues = stored.session_id
     history += input_messages(request.input)
     if not history:
         raise InvalidRequest("'input' is empty: send a string or at least one item.", param="input")
     payload = chat_payload(request, history)
     return ResponsesCall(
-        request=request, payload=payload, chat=chat_request(payload), history=history, owner=owner
+        request=request,
+        payload=payload,
+        chat=chat_request(payload),
+        history=history,
+        owner=owner,
+        continues=continues,
     )
 
 
@@ -502,15 +511,18 @@ async def _run(
 ) -> AsyncIterator[dict[str, Any]]:
     """Stream events; the last is ``response.completed`` or ``response.incomplete``."""
     call = builder.call
+    session_id: str | None = None
     yield builder.event("response.created", response=builder.response("in_progress"))
     yield builder.event("response.in_progress", response=builder.response("in_progress"))
     async for event in events:
+        if isinstance(event, Started):
+            session_id = event.session_id
         if isinstance(event, Finished):
             for out in builder.close_text("incomplete" if event.reason == "length" else "completed"):
                 yield out
             final = builder.finish(event)
             if store is not None and call.request.store:
-                await store.save(call.owner, call.history, final)
+                await store.save(call.owner, call.history, final, session_id)
             kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
             yield builder.event(kind, response=final)
             return

@@ -1,0 +1,142 @@
+"""The Responses API and Anthropic's Messages API as HTTP endpoints, beside chat completions.
+
+    POST   /v1/responses                 parse -> Front.answer -> render (JSON or SSE), stored
+    GET    /v1/responses/{id}            a stored response (this API key's)
+    DELETE /v1/responses/{id}
+    POST   /v1/messages                  parse -> Front.answer -> render (JSON or SSE)
+    POST   /v1/messages/count_tokens     the prompt the model would see, counted
+
+Every error on a ``/v1/messages`` path is answered in Anthropic's shape (``messages_error``;
+``proxy.app`` routes its exception handlers here through ``is_messages_path``); the Responses
+API uses OpenAI's, as chat completions do. A stored response keeps the session that answered
+it, so ``previous_response_id`` continues that session (same kernel, or a replay of its log)
+on any replica that shares the session store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from proxy.accesslog import RequestRecord
+from proxy.auth import Principal
+from proxy.errors import CablectlError
+from proxy.front import Front, guarded_sse
+from proxy.surfaces import (
+    ResponseNotFound,
+    ResponseStore,
+    messages_error,
+    messages_error_event,
+    parse_count_tokens_request,
+    parse_messages_request,
+    parse_responses_request,
+    render_messages_json,
+    render_messages_sse,
+    render_responses_json,
+    render_responses_sse,
+    response_deleted_body,
+)
+
+__all__ = ["SSE_HEADERS", "add_surface_routes", "is_messages_path", "messages_error_response"]
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+ReadBody = Callable[[Request], Awaitable[bytes]]
+Authenticate = Callable[[Request], Principal]
+
+
+def is_messages_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def messages_error_response(exc: CablectlError) -> Response:
+    """A cablectl error as Anthropic answers one (with ``Retry-After`` when it has one)."""
+    status, body = messages_error(exc)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def add_surface_routes(
+    app: FastAPI,
+    front: Front,
+    responses: ResponseStore,
+    read_body: ReadBody,
+    authenticate: Authenticate,
+) -> None:
+    async def create_response(request: Request) -> Response:
+        """OpenAI's Responses API: ``input`` items in, ``output`` items out, streamed or not."""
+        record: RequestRecord = request.state.record
+        record.surface = "responses"
+        principal = authenticate(request)
+        raw = await read_body(request)
+        call = await parse_responses_request(raw, responses, principal.key_id)
+        answer = await front.answer(
+            request, principal, record, call.payload, call.chat, "responses", continues=call.continues
+        )
+        store = responses if call.request.store else None
+        if not call.request.stream:
+            try:
+                body = await render_responses_json(answer.events, call, store)
+            finally:
+                await answer.close()
+            return Response(body, media_type="application/json", headers=answer.headers)
+        return StreamingResponse(
+            guarded_sse(render_responses_sse(answer.events, call, store), record, answer.close),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **answer.headers},
+        )
+
+    async def get_response(response_id: str, request: Request) -> Response:
+        """A stored response, as it was sent."""
+        request.state.record.surface = "responses"
+        principal = authenticate(request)
+        stored = await responses.require(response_id, principal.key_id)
+        return JSONResponse(stored.response)
+
+    async def delete_response(response_id: str, request: Request) -> Response:
+        """Forget a stored response (a later ``previous_response_id`` naming it is a 404)."""
+        request.state.record.surface = "responses"
+        principal = authenticate(request)
+        if not await responses.delete(response_id, principal.key_id):
+            raise ResponseNotFound(f"No response with id {response_id!r} is stored for this API key.")
+        return JSONResponse(response_deleted_body(response_id))
+
+    async def create_message(request: Request) -> Response:
+        """Anthropic's Messages API: content blocks in and out, streamed or not."""
+        record: RequestRecord = request.state.record
+        record.surface = "messages"
+        principal = authenticate(request)
+        raw = await read_body(request)
+        call = parse_messages_request(raw)
+        answer = await front.answer(request, principal, record, call.payload, call.chat, "messages")
+        if not call.stream:
+            try:
+                body = await render_messages_json(answer.events, call)
+            finally:
+                await answer.close()
+            return Response(body, media_type="application/json", headers=answer.headers)
+        return StreamingResponse(
+            guarded_sse(render_messages_sse(answer.events, call), record, answer.close, messages_error_event),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **answer.headers},
+        )
+
+    async def count_message_tokens(request: Request) -> Response:
+        """The input tokens a Messages request would cost: the prompt the model would see."""
+        record: RequestRecord = request.state.record
+        record.surface = "messages"
+        principal = authenticate(request)
+        raw = await read_body(request)
+        call = parse_count_tokens_request(raw)
+        principal.check_model(call.chat.model)
+        record.model = call.chat.model
+        return JSONResponse({"input_tokens": await front.count_tokens(call.payload, call.chat, principal)})
+
+    app.add_api_route("/v1/responses", create_response, methods=["POST"], tags=["responses"])
+    app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"], tags=["responses"])
+    app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"], tags=["responses"])
+    app.add_api_route("/v1/messages", create_message, methods=["POST"], tags=["anthropic"])
+    app.add_api_route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"], tags=["anthropic"])
