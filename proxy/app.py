@@ -32,7 +32,13 @@ from proxy.actions.runtime import Runtime
 from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
 from proxy.config import Settings
-from proxy.endpoints import SSE_HEADERS, add_surface_routes, is_messages_path, messages_error_response
+from proxy.endpoints import (
+    SSE_HEADERS,
+    add_surface_routes,
+    is_messages_path,
+    messages_error_response,
+    request_body_openapi,
+)
 from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionDenied, RequestTooLarge
 from proxy.front import Front, guarded_sse
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
@@ -124,22 +130,6 @@ def _parse_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
     except ValidationError as exc:
         raise _invalid_from_validation(exc) from exc
     return data, request
-
-
-def _chat_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request body's OpenAPI (the endpoint parses it itself) and its component schemas."""
-    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs: dict[str, Any] = schema.pop("$defs", {})
-    defs["ChatCompletionRequest"] = schema
-    body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
-            },
-        }
-    }
-    return body, defs
 
 
 def _session_store(settings: Settings) -> SessionStore:
@@ -421,7 +411,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         router.get(model_id)
         return model_card(model_id)
 
-    chat_openapi, component_defs = _chat_openapi()
+    chat_openapi, component_defs = request_body_openapi(ChatCompletionRequest)
 
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streamed (SSE) or not."""
@@ -481,7 +471,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     async def read_body(request: Request) -> bytes:
         return await _read_body(request, body_limit)
 
-    add_surface_routes(app, front, responses, read_body, principal_for)
+    component_defs |= add_surface_routes(app, front, responses, read_body, principal_for)
 
     for path, in_schema in (("/v1/chat/completions", True), ("/chat/completions", False)):
         app.add_api_route(

@@ -16,9 +16,11 @@ on any replica that shares the session store.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from proxy.accesslog import RequestRecord
 from proxy.auth import Principal
@@ -38,13 +40,33 @@ from proxy.surfaces import (
     render_responses_sse,
     response_deleted_body,
 )
+from proxy.surfaces.messages import CountTokensRequest, MessagesRequest
+from proxy.surfaces.responses import ResponsesRequest
 
-__all__ = ["SSE_HEADERS", "add_surface_routes", "is_messages_path", "messages_error_response"]
+__all__ = [
+    "SSE_HEADERS",
+    "add_surface_routes",
+    "is_messages_path",
+    "messages_error_response",
+    "request_body_openapi",
+]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 ReadBody = Callable[[Request], Awaitable[bytes]]
 Authenticate = Callable[[Request], Principal]
+
+
+def request_body_openapi(model: type[BaseModel], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """OpenAPI for an endpoint that parses its body itself: the request body (a reference to
+    ``model``'s schema) and the component schemas it needs, named with ``prefix`` so that two
+    surfaces' ``ToolChoice`` do not clash."""
+    schema = model.model_json_schema(ref_template=f"#/components/schemas/{prefix}{{model}}")
+    defs: dict[str, Any] = {f"{prefix}{k}": v for k, v in schema.pop("$defs", {}).items()}
+    name = f"{prefix}{model.__name__}"
+    defs[name] = schema
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+    return {"requestBody": {"required": True, "content": content}}, defs
 
 
 def is_messages_path(path: str) -> bool:
@@ -65,7 +87,9 @@ def add_surface_routes(
     responses: ResponseStore,
     read_body: ReadBody,
     authenticate: Authenticate,
-) -> None:
+) -> dict[str, Any]:
+    """Add the routes; returns the component schemas their OpenAPI entries refer to."""
+
     async def create_response(request: Request) -> Response:
         """OpenAI's Responses API: ``input`` items in, ``output`` items out, streamed or not."""
         record: RequestRecord = request.state.record
@@ -135,8 +159,17 @@ def add_surface_routes(
         record.model = call.chat.model
         return JSONResponse({"input_tokens": await front.count_tokens(call.payload, call.chat, principal)})
 
-    app.add_api_route("/v1/responses", create_response, methods=["POST"], tags=["responses"])
-    app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"], tags=["responses"])
-    app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"], tags=["responses"])
-    app.add_api_route("/v1/messages", create_message, methods=["POST"], tags=["anthropic"])
-    app.add_api_route("/v1/messages/count_tokens", count_message_tokens, methods=["POST"], tags=["anthropic"])
+    responses_body, defs = request_body_openapi(ResponsesRequest, "Responses")
+    messages_body, messages_defs = request_body_openapi(MessagesRequest, "Messages")
+    count_body, count_defs = request_body_openapi(CountTokensRequest, "Messages")
+    for path, endpoint, methods, tag, extra in (
+        ("/v1/responses", create_response, ["POST"], "responses", responses_body),
+        ("/v1/responses/{response_id}", get_response, ["GET"], "responses", None),
+        ("/v1/responses/{response_id}", delete_response, ["DELETE"], "responses", None),
+        ("/v1/messages", create_message, ["POST"], "anthropic", messages_body),
+        ("/v1/messages/count_tokens", count_message_tokens, ["POST"], "anthropic", count_body),
+    ):
+        app.add_api_route(
+            path, endpoint, methods=methods, tags=[tag], openapi_extra=extra, response_model=None
+        )
+    return defs | messages_defs | count_defs

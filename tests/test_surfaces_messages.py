@@ -396,6 +396,8 @@ def test_the_rest_of_the_request_maps_to_chat_fields() -> None:
         ),
         pytest.param({"temperature": 1.5}, "temperature", "less than or equal to 1", id="temperature"),
         pytest.param({"messages": []}, "messages", "at least 1", id="no-messages"),
+        pytest.param({"tools": -374}, "tools", "valid list", id="tools-not-a-list"),
+        pytest.param({"messages": {"role": "user"}}, "messages", "valid list", id="messages-not-a-list"),
         pytest.param(
             {"messages": [{"role": "system", "content": "x"}]},
             "messages[0].role",

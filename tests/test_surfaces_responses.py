@@ -788,6 +788,13 @@ async def test_a_chat_stream_becomes_the_same_events_as_its_body(size: int) -> N
     assert ToolCallDone(0, "c1", "get_weather", '{"city":"Paris"}') in streamed
 
 
+async def test_a_server_that_ignores_stream_and_sends_a_body_is_read_as_the_body() -> None:
+    body = orjson.dumps(CHAT_BODY)
+    assert await collected(events_from_chat_sse(pieces(body, 5), "m")) == await collected(
+        events_from_chat_body(body, "m")
+    )
+
+
 @pytest.mark.parametrize(
     ("sse", "words"),
     [

@@ -149,9 +149,11 @@ async def events_from_chat_sse(chunks: AsyncIterable[bytes], model_name: str) ->
     """The events of a ``chat.completion.chunk`` stream, as its frames complete."""
     state = _Chunks(model_name)
     buffer = b""
+    framed = False
     async for data in chunks:
         buffer = (buffer + data).replace(b"\r\n", b"\n")
         *frames, buffer = buffer.split(b"\n\n")
+        framed = framed or bool(frames)
         for frame in frames:
             for event in state.frame(frame):
                 yield event
@@ -159,6 +161,11 @@ async def events_from_chat_sse(chunks: AsyncIterable[bytes], model_name: str) ->
                 break
         if state.done:
             break
+    if not framed and buffer.lstrip().startswith(b"{"):
+        # a server that ignores "stream" and answers one chat.completion body
+        async for event in events_from_chat_body(buffer, model_name):
+            yield event
+        return
     if not state.done and buffer.strip():
         for event in state.frame(buffer):  # a last frame without its blank line
             yield event

@@ -162,8 +162,12 @@ class MessagesCall:
 _BLOCKS = {"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"}
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []  # anything else is pydantic's to refuse
+
+
 def _refuse_unsupported(data: dict[str, Any]) -> None:
-    for i, tool in enumerate(data.get("tools") or []):
+    for i, tool in enumerate(_list(data.get("tools"))):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind not in (None, "custom"):
             raise InvalidRequest(
@@ -172,7 +176,7 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
                 "as a custom tool.",
                 param=f"tools[{i}].type",
             )
-    for i, message in enumerate(data.get("messages") or []):
+    for i, message in enumerate(_list(data.get("messages"))):
         blocks = message.get("content") if isinstance(message, dict) else None
         for j, block in enumerate(blocks if isinstance(blocks, list) else []):
             kind = block.get("type") if isinstance(block, dict) else None

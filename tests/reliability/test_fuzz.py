@@ -30,17 +30,24 @@ def fuzzed_proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 
 
 def openai_error_body(ctx: Any, response: Any, case: Any) -> None:
-    """A refused request carries {"error": {message, type, param, code}}."""
+    """A refused request carries {"error": {message, type, param, code}}; on Anthropic's
+    Messages API, {"type": "error", "error": {type, message}}."""
     if 400 <= response.status_code < 500:
-        error = response.json()["error"]
+        body = response.json()
+        if case.operation.path.startswith("/v1/messages"):
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+            assert body["error"]["message"], body
+            return
+        error = body["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], error
 
 
 def operations(url: str) -> list[Any]:
     document = httpx.get(url + "/openapi.json").json()
     # valid cases name real routes, so they reach the action loop and the upstream too
-    request = document["components"]["schemas"]["ChatCompletionRequest"]
-    request["properties"]["model"] = {"type": "string", "enum": ["gpt-4o-mini", "plain-tools"]}
+    schemas = document["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "ResponsesResponsesRequest", "MessagesMessagesRequest"):
+        schemas[name]["properties"]["model"] = {"type": "string", "enum": ["gpt-4o-mini", "plain-tools"]}
     return [result.ok() for result in schemathesis.openapi.from_dict(document).get_all_operations()]
 
 
@@ -50,7 +57,15 @@ def test_no_input_gives_a_server_error(
 ) -> None:
     upstream.plan(*[Reply(json=canned_completion("scripted", "All done."))] * 1000)
     ops = operations(fuzzed_proxy.url)
-    assert {op.label for op in ops} >= {"POST /v1/chat/completions", "GET /v1/models", "GET /metrics"}
+    assert {op.label for op in ops} >= {
+        "POST /v1/chat/completions",
+        "POST /v1/responses",
+        "GET /v1/responses/{response_id}",
+        "POST /v1/messages",
+        "POST /v1/messages/count_tokens",
+        "GET /v1/models",
+        "GET /metrics",
+    }
     statuses: dict[str, set[int]] = {}
     for op in ops:
         strategy = op.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
@@ -72,6 +87,10 @@ def test_no_input_gives_a_server_error(
             exercise()
         except Unsatisfiable:  # nothing invalid can be sent to an operation without inputs
             assert mode == "negative" and not op.body and not op.query, op.label
-    assert "POST /v1/chat/completions" in statuses, statuses
+    for label in ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/messages"):
+        assert label in statuses, statuses
+    if mode == "positive":  # valid requests got answers, not only refusals
+        for label in ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/messages"):
+            assert 200 in statuses[label], statuses
     assert all(code < 500 for codes in statuses.values() for code in codes), statuses
     assert httpx.get(fuzzed_proxy.url + "/health").status_code == 200
