@@ -40,7 +40,7 @@ from proxy.endpoints import (
     request_body_openapi,
 )
 from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionDenied, RequestTooLarge
-from proxy.front import Front, guarded_sse
+from proxy.front import Front, guarded_sse, timed
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
@@ -513,30 +513,16 @@ async def _relay(
     stream: SSEStream, record: RequestRecord, spans: tuple[Span, ...] = ()
 ) -> AsyncIterator[bytes]:
     """Forward upstream SSE bytes as they arrive; a failure mid-stream becomes an error event."""
-    clock = record.clock
-    iterator = stream.__aiter__()
-
-    async def timed() -> AsyncIterator[bytes]:
-        while True:
-            waited = time.perf_counter()
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            finally:
-                clock.ms += (time.perf_counter() - waited) * 1000
-            yield chunk
 
     async def cleanup() -> None:
         # the upstream connection or the local model context must be given back
         try:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await chunks.aclose()
         finally:
             await stream.aclose()
             for span in spans:
                 span.end(error=record.error, metadata={"stream": True})
 
-    async for chunk in guarded_sse(timed(), record, cleanup):
+    chunks = timed(stream, record.clock)
+    async for chunk in guarded_sse(chunks, record, cleanup):
         yield chunk

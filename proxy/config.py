@@ -111,6 +111,19 @@ class ModelEntry(BaseModel):
     max_steps: int = Field(default=8, ge=1, le=64)
     repair_attempts: int = Field(default=2, ge=0, le=8)
     toolsets: list[str] = Field(default_factory=list)  # server-side toolsets offered on this route
+    # /v1/responses without code actions: "bridge" answers through chat completions (any
+    # upstream); "upstream" forwards the request untouched to the upstream's own /responses
+    responses_api: Literal["bridge", "upstream"] = "bridge"
+
+    @model_validator(mode="after")
+    def _responses_upstream_is_direct(self) -> ModelEntry:
+        if self.responses_api == "upstream" and self.resolved_transport != "direct":
+            raise ValueError(
+                f"model {self.model_name!r}: responses_api: upstream forwards to an OpenAI-compatible "
+                f"upstream's own /responses, but this route's transport is {self.resolved_transport!r}; "
+                "use responses_api: bridge"
+            )
+        return self
 
     @property
     def grammar_mode(self) -> Literal["gbnf", "lark", "none"]:

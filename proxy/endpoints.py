@@ -15,17 +15,19 @@ on any replica that shares the session store.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from proxy.accesslog import RequestRecord
 from proxy.auth import Principal
+from proxy.config import ModelEntry
 from proxy.errors import CablectlError
-from proxy.front import Front, guarded_sse
+from proxy.front import Front, guarded_sse, timed
 from proxy.surfaces import (
     ResponseNotFound,
     ResponseStore,
@@ -69,6 +71,23 @@ def request_body_openapi(model: type[BaseModel], prefix: str = "") -> tuple[dict
     return {"requestBody": {"required": True, "content": content}}, defs
 
 
+def _forwarded(raw: bytes, front: Front) -> tuple[dict[str, Any], ModelEntry] | None:
+    """The request and its route, if the route forwards ``/v1/responses`` to its upstream
+    (``responses_api: upstream``) and no code actions apply (no tools, or code actions off)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        return None
+    entry = front.routes.get(data["model"])
+    if entry is None or entry.responses_api != "upstream":
+        return None
+    if entry.code_actions and (data.get("tools") or entry.toolsets):
+        return None
+    return data, entry
+
+
 def is_messages_path(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
@@ -90,12 +109,35 @@ def add_surface_routes(
 ) -> dict[str, Any]:
     """Add the routes; returns the component schemas their OpenAPI entries refer to."""
 
+    async def forward_response(
+        request: Request, principal: Principal, data: dict[str, Any], entry: ModelEntry
+    ) -> Response:
+        """A route whose upstream serves ``/responses`` itself: the request goes there as it is."""
+        record: RequestRecord = request.state.record
+        principal.check_model(entry.model_name)
+        record.model, record.stream = entry.model_name, data.get("stream") is True
+        result = await front.router.forward(entry.model_name, "/responses", data, record.stream, record.clock)
+        if isinstance(result, bytes):
+            return Response(result, media_type="application/json")
+        stream = result
+
+        async def relay() -> AsyncIterator[bytes]:
+            async for chunk in timed(stream, record.clock):
+                yield chunk
+
+        return StreamingResponse(
+            guarded_sse(relay(), record, stream.aclose), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
     async def create_response(request: Request) -> Response:
         """OpenAI's Responses API: ``input`` items in, ``output`` items out, streamed or not."""
         record: RequestRecord = request.state.record
         record.surface = "responses"
         principal = authenticate(request)
         raw = await read_body(request)
+        native = _forwarded(raw, front)
+        if native is not None:
+            return await forward_response(request, principal, *native)
         call = await parse_responses_request(raw, responses, principal.key_id)
         answer = await front.answer(
             request, principal, record, call.payload, call.chat, "responses", continues=call.continues

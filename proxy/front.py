@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,16 @@ from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
 from proxy.toolsets import ServerToolset
 from proxy.tracing import TRACE_HEADER, Span, Tracer
 
-__all__ = ["SESSION_HEADER", "Answer", "Front", "close_events", "guarded_sse", "openai_error_event"]
+__all__ = [
+    "SESSION_HEADER",
+    "Answer",
+    "Front",
+    "close_events",
+    "guarded_sse",
+    "openai_error_event",
+    "session_key",
+    "timed",
+]
 
 log = logging.getLogger("cablectl.app")
 
@@ -155,7 +164,7 @@ class Front:
         try:
             if chat.stream:
                 stream = await self.router.open_stream(payload, chat, clock)
-                events = events_from_chat_sse(_timed(stream, clock), chat.model)
+                events = events_from_chat_sse(timed(stream, clock), chat.model)
             else:
                 body = await self.router.complete(payload, chat, clock)
                 events = events_from_chat_body(body, chat.model)
@@ -186,7 +195,7 @@ def session_key(request: Request, payload: dict[str, Any], principal: Principal)
     return SessionKey(principal.key_id, name)
 
 
-async def _timed(stream: SSEStream, clock: UpstreamClock) -> AsyncIterator[bytes]:
+async def timed(stream: SSEStream, clock: UpstreamClock) -> AsyncGenerator[bytes, None]:
     """The upstream's bytes; time spent waiting for them is upstream time."""
     iterator = stream.__aiter__()
     while True:

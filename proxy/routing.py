@@ -90,9 +90,11 @@ class ModelRouter:
     def ready(self) -> dict[str, bool]:
         return {name: backend.ready() for name, backend in self.backends.items()}
 
-    def _candidates(self, model_name: str) -> list[ModelBackend]:
+    def _candidates(self, model_name: str, fallbacks: bool = True) -> list[ModelBackend]:
         primary = self.get(model_name)
         chain = [primary]
+        if not fallbacks:
+            return chain
         for name in self._settings.router_settings.fallbacks_for(model_name):
             backend = self.backends.get(name)
             if backend is not None and backend not in chain:
@@ -104,10 +106,11 @@ class ModelRouter:
         model_name: str,
         clock: UpstreamClock,
         call: Callable[[ModelBackend], Awaitable[T]],
+        fallbacks: bool = True,
     ) -> T:
         last: CablectlError | None = None
         retries = self._settings.router_settings.num_retries
-        for backend in self._candidates(model_name):
+        for backend in self._candidates(model_name, fallbacks):
             tries = 1 if getattr(backend, "retries_inside", False) else retries + 1
             for attempt in range(tries):
                 started = time.perf_counter()
@@ -132,6 +135,18 @@ class ModelRouter:
         self, payload: dict[str, Any], request: ChatCompletionRequest, clock: UpstreamClock
     ) -> bytes:
         return await self._attempt(request.model, clock, lambda b: b.complete(payload, request))
+
+    async def forward(
+        self, model_name: str, path: str, payload: dict[str, Any], stream: bool, clock: UpstreamClock
+    ) -> bytes | SSEStream:
+        """Another API of a direct route's upstream (``/responses``), retried on that route only:
+        its fallbacks may not serve that API."""
+
+        async def call(backend: ModelBackend) -> bytes | SSEStream:
+            assert isinstance(backend, DirectBackend)  # config allows forwarding on direct routes only
+            return await backend.forward(path, payload, stream)
+
+        return await self._attempt(model_name, clock, call, fallbacks=False)
 
     async def open_stream(
         self, payload: dict[str, Any], request: ChatCompletionRequest, clock: UpstreamClock

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import ProxyFactory
 from tests.servers import UvicornThread
 from tests.test_actions import LOOP_PROGRAM, WEATHER, config, program
-from tests.upstream import ScriptedUpstream, Stream, text_stream
+from tests.upstream import ScriptedUpstream, Stream, text_stream, wait_for
 
 THOUGHT = "Let me check both cities."
 STATIC = [
@@ -293,3 +293,55 @@ def test_an_upstream_that_breaks_off_mid_stream_ends_the_stream_with_an_error_ev
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Count."}], tools=WEATHER
     )
     assert again.choices[0].message.content == "Done."
+
+
+def test_a_client_dropping_while_its_program_runs_stops_the_program(
+    proxy: UvicornThread, client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    """The kernel cell of a dropped request does not run on with nobody to read it: the kernel
+    is given up, the program recorded as cancelled, and the session's next program runs at once
+    on a fresh kernel (the cancelled program is not replayed)."""
+    from proxy.actions.loop import SessionKey
+
+    name = "drop-while-running"
+    sid = SessionKey("anonymous", name).session_id
+    app = proxy.server.config.app
+    runtime = app.state.loop.runtime
+    upstream.plan(program("Working.\n```python\nimport time\nBASE = 7\ntime.sleep(120)\n```"))
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Sleep."}],
+        "tools": WEATHER,
+        "stream": True,
+    }
+    headers = {"x-cablectl-session": name}
+    with httpx.stream(
+        "POST", proxy.url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()  # held: a generator dropped here would close the connection
+        for line in lines:
+            if "Working." in line:
+                break
+        wait_for(lambda: sid in runtime.live and runtime.live[sid].in_use, timeout=20)  # the cell runs
+    # the client has gone
+    wait_for(lambda: sid not in runtime.live, timeout=20)  # given up, not left running
+
+    async def log() -> list[Any]:
+        return await app.state.store.events(sid)
+
+    import asyncio
+
+    events = asyncio.run(log())
+    assert {"kind": "cell_end", "turn": 1, "output": "", "error": "Cancelled"} in [
+        {k: v for k, v in e.items() if k != "at"} for e in events
+    ]
+    upstream.plan(program("```python\nprint('after', 'BASE' in globals())\n```"), program("Done."))
+    done = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Go on."}],
+        tools=WEATHER,
+        extra_headers=headers,
+        timeout=60,
+    )
+    assert done.choices[0].message.content == "Done."
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\nafter False"

@@ -508,3 +508,81 @@ def test_messages_errors_through_the_sdk(proxy: UvicornThread) -> None:
         assert reply.status_code == 404 and reply.json()["type"] == "error", reply.text
     reply = httpx.get(proxy.url + "/v1/messages", headers={"x-api-key": ALICE})
     assert reply.status_code == 405 and reply.json()["error"]["type"] == "invalid_request_error"
+
+
+# ------------------------------------------------------------------------------ forwarded responses
+
+NATIVE_RESPONSE = {
+    "id": "resp_upstream_1",
+    "object": "response",
+    "created_at": 1,
+    "status": "completed",
+    "model": "upstream-name",
+    "output": [
+        {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "From the upstream's own API.", "annotations": []}],
+        }
+    ],
+    "parallel_tool_calls": True,
+    "tool_choice": "auto",
+    "tools": [],
+}
+
+
+def test_a_route_can_forward_responses_to_its_upstream(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    """responses_api: upstream: without code actions the request goes to the upstream's own
+    /responses untouched (model mapped), JSON or stream; with tools, code actions as usual."""
+    from tests.upstream import Reply
+
+    native = {
+        "model_name": "native",
+        "litellm_params": {"model": "openai/upstream-name", "api_base": upstream_url},
+        "responses_api": "upstream",
+    }
+    server = make_proxy(config(upstream_url) | {"model_list": [*upstream_models(upstream_url), native]})
+    client = oai(server)
+    upstream.plan(Reply(json=NATIVE_RESPONSE))
+    response = client.responses.create(model="native", input="Hi", previous_response_id="resp_upstream_0")
+    assert response.output_text == "From the upstream's own API."
+    sent = upstream.received[-1]
+    assert sent.path.endswith("/responses")
+    assert sent.json == {"model": "upstream-name", "input": "Hi", "previous_response_id": "resp_upstream_0"}
+
+    created = {
+        "type": "response.created",
+        "sequence_number": 0,
+        "response": {**NATIVE_RESPONSE, "output": []},
+    }
+    done = {"type": "response.completed", "sequence_number": 1, "response": NATIVE_RESPONSE}
+    frames = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (created, done)]
+    upstream.plan(Stream(frames))
+    with client.responses.stream(model="native", input="Hi") as stream:
+        assert [e.type for e in stream] == ["response.created", "response.completed"]
+        assert stream.get_final_response().output_text == "From the upstream's own API."
+
+    upstream.plan(Reply(status=429, json={"error": {"message": "slow down", "type": "rate_limit_error"}}))
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model="native", input="Hi")
+
+    upstream.plan(program("```python\nget_weather(city='Paris')\n```"))
+    response = client.responses.create(model="native", input="Weather?", tools=[WEATHER_FN])
+    assert upstream.received[-1].path.endswith("/chat/completions")  # code actions: the loop
+    assert [json.loads(c.arguments) for c in calls_of(response)] == [{"city": "Paris"}]
+
+
+def test_forwarding_responses_needs_a_direct_route(tmp_path: Any, upstream_url: str) -> None:
+    from proxy.errors import ConfigError
+
+    entry = {
+        "model_name": "x",
+        "litellm_params": {"model": "anthropic/claude", "api_key": "k"},
+        "responses_api": "upstream",
+    }
+    with pytest.raises(ConfigError, match="responses_api: bridge"):
+        load_settings(write_config(tmp_path, {"model_list": [entry]}), env={})

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 
 from proxy.actions.events import Event
@@ -29,7 +30,9 @@ from proxy.toolsets import ToolCallFailed
 from proxy.tracing import Span
 from translators import CallError, check_call
 
-__all__ = ["KernelDriver", "Settled", "next_seq"]
+__all__ = ["CANCELLED", "KernelDriver", "Settled", "next_seq"]
+
+CANCELLED = "Cancelled"  # a cell_end's error: the request went away while the program ran
 
 Message = dict[str, Any]
 LogEvent = dict[str, Any]
@@ -76,9 +79,27 @@ class KernelDriver:
         elif live.waiting_call_id is not None:  # an earlier program still waits for a call nobody answered
             await self.runtime.abandon(sid)
         live.turn_calls = 0
-        state = await self._guarded(live.kernel.execute(source), sid)
-        async for event in self.settle(step, turn, state, out, action):
-            yield event
+        try:
+            state = await self._guarded(live.kernel.execute(source), sid)
+            async for event in self.settle(step, turn, state, out, action):
+                yield event
+        except BaseException:
+            await self._cancelled(sid, turn, out)
+            raise
+
+    async def _cancelled(self, session_id: str, turn: int, out: Settled) -> None:
+        """The request went away (a client that disconnected, a failure) while its program ran
+        in the kernel: the kernel is given up (stopping the cell) and the program recorded as
+        cancelled, so the session's next request starts from its log instead of waiting behind
+        a cell nobody will read. A program suspended on a client's call is left waiting."""
+        live = self.runtime.live.get(session_id)
+        if out.suspended or out.output is not None or (live is not None and live.waiting_call_id):
+            return
+        with anyio.CancelScope(shield=True):
+            await self.runtime.release(session_id)
+            await self.store.append(
+                session_id, {"kind": "cell_end", "turn": turn, "output": "", "error": CANCELLED}
+            )
 
     async def _restored(self, step: Step, turn: int) -> LiveSession:
         """A fresh kernel with the session's earlier programs replayed onto it (their results
@@ -276,5 +297,9 @@ class KernelDriver:
             (e.get("source") for e in events if e.get("kind") == "turn" and e.get("turn") == turn), None
         )
         with step.span.child("action", input=source, metadata={"turn": turn, "resumed": True}) as action:
-            async for event in self.settle(step, turn, state, out, action):
-                yield event
+            try:
+                async for event in self.settle(step, turn, state, out, action):
+                    yield event
+            except BaseException:
+                await self._cancelled(sid, turn, out)
+                raise

@@ -168,9 +168,12 @@ class Runtime:
             if event.get("kind") == "call":
                 calls_by_turn.setdefault(int(event["turn"]), []).append(event)
         died = {
-            int(e["turn"]) for e in events if e.get("kind") == "cell_end" and e.get("error") == "KernelDied"
+            int(e["turn"])
+            for e in events
+            if e.get("kind") == "cell_end" and e.get("error") in ("KernelDied", "Cancelled")
         }
-        # a program its kernel died under is not run again (it may be what killed it)
+        # a program its kernel died under is not run again (it may be what killed it), nor one
+        # stopped half way because its request went away (its effects are unknown)
         turns = [
             e
             for e in events

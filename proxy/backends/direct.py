@@ -125,7 +125,8 @@ class DirectBackend(ModelBackend):
         super().__init__(entry)
         params = entry.litellm_params
         self._pool = pool
-        self._url = (params.api_base or DEFAULT_API_BASE).rstrip("/") + "/chat/completions"
+        self._base = (params.api_base or DEFAULT_API_BASE).rstrip("/")
+        self._url = self._base + "/chat/completions"
         self._upstream_model = params.upstream_model
         headers = {"content-type": "application/json", "accept": "application/json"}
         if params.api_key:
@@ -150,12 +151,12 @@ class DirectBackend(ModelBackend):
             f"Cannot reach the upstream for model {self.name!r} at {self._url}: {exc!r}"
         )
 
-    async def _post(self, data: bytes) -> tuple[int, bytes]:
+    async def _post(self, data: bytes, url: str | None = None) -> tuple[int, bytes]:
         session = self._pool.session
         for attempt in (1, 2):
             try:
                 async with session.post(
-                    self._url, data=data, headers=self._headers, timeout=self._timeout
+                    url or self._url, data=data, headers=self._headers, timeout=self._timeout
                 ) as response:
                     return response.status, await response.read()
             except aiohttp.ClientError as exc:
@@ -164,8 +165,19 @@ class DirectBackend(ModelBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def complete(self, payload: dict[str, Any], request: ChatCompletionRequest) -> bytes:
+        return await self._complete(self._body(payload), self._url)
+
+    async def forward(self, path: str, payload: dict[str, Any], stream: bool) -> bytes | SSEStream:
+        """POST ``payload`` to another path of the upstream's API as it is (``model`` mapped):
+        its JSON body, or its stream. For APIs the upstream serves itself (``/responses``)."""
+        url = self._base + path
+        if stream:
+            return _AiohttpStream(await self._start(self._body(payload), url), self.name)
+        return await self._complete(self._body(payload), url)
+
+    async def _complete(self, data: bytes, url: str) -> bytes:
         try:
-            status, body = await self._post(self._body(payload))
+            status, body = await self._post(data, url)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not answer in time; "
@@ -186,13 +198,11 @@ class DirectBackend(ModelBackend):
             )
         return body
 
-    async def _open(self, data: bytes) -> aiohttp.ClientResponse:
+    async def _open(self, data: bytes, url: str) -> aiohttp.ClientResponse:
         session = self._pool.session
         for attempt in (1, 2):
             try:
-                return await session.post(
-                    self._url, data=data, headers=self._headers, timeout=self._stream_timeout
-                )
+                return await session.post(url, data=data, headers=self._headers, timeout=self._stream_timeout)
             except aiohttp.ClientError as exc:
                 if attempt == 2 or not _stale_connection(exc):
                     raise
@@ -207,10 +217,10 @@ class DirectBackend(ModelBackend):
         body["stream_options"] = {"include_usage": True}
         return _DirectGeneration(await self._start(self._body(body)), self.name)
 
-    async def _start(self, data: bytes) -> aiohttp.ClientResponse:
+    async def _start(self, data: bytes, url: str | None = None) -> aiohttp.ClientResponse:
         """POST a streamed request; the response once its status says it streams."""
         try:
-            response = await self._open(data)
+            response = await self._open(data, url or self._url)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream for model {self.name!r} did not start streaming in time"
