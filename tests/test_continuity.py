@@ -237,3 +237,51 @@ def test_a_conversation_digest_does_not_care_how_the_client_echoes_the_reply(ech
     assert conversation_digest("k", [{"role": "assistant", "tool_calls": calls}]) == conversation_digest(
         "k", [{"role": "assistant", "content": None, "tool_calls": spaced}]
     )
+
+
+MADE = (
+    "```python\nBASE = 10\ndef scale(x: float) -> float:\n"
+    '    """Multiply x by the conversation\'s BASE."""\n    return x * BASE\nprint(scale(2))\n```'
+)
+
+
+def test_a_function_the_model_defines_is_shown_in_later_turns_and_called(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    """A documented top-level function of a program that ran to its end is a tool the model
+    made: the next turn's prompt shows its stub beside the tools, and calling it works. A
+    function of a program that failed, or without a docstring, is not shown."""
+    client = sdk(proxy, session="made-tools")
+    messages: list[Any] = [{"role": "user", "content": "Make a scaler."}]
+    upstream.plan(
+        program(MADE),
+        program(
+            "```python\ndef broken(x):\n    '''Never defined.'''\n    return x\nraise ValueError('no')\n```"
+        ),
+        program("Made."),
+    )
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    assert first.choices[0].message.content == "Made."
+    system = upstream.received[-1].json["messages"][0]["content"]
+    assert (
+        'def scale(x: float) -> float:\n    """Multiply x by the conversation\'s BASE."""\n    ...' in system
+    )
+    assert "broken" not in system  # its program raised
+    messages += [{"role": "assistant", "content": "Made."}, {"role": "user", "content": "Scale 4."}]
+    upstream.plan(program("```python\nprint(scale(4))\n```"), program("40."))
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n40"
+    first_prompt = upstream.received[-2].json["messages"][0]["content"]
+    assert "def scale(x: float) -> float:" in first_prompt  # shown when the new question came
+
+
+def test_made_functions_stay_out_of_other_sessions(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
+    upstream.plan(program(MADE), program("Made."))
+    sdk(proxy, session="made-a").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Make one (a)."}], tools=WEATHER
+    )
+    upstream.plan(program("Nothing."))
+    sdk(proxy, session="made-b").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Anything (b)?"}], tools=WEATHER
+    )
+    assert "scale" not in upstream.received[-1].json["messages"][0]["content"]

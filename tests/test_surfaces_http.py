@@ -586,3 +586,73 @@ def test_forwarding_responses_needs_a_direct_route(tmp_path: Any, upstream_url: 
     }
     with pytest.raises(ConfigError, match="responses_api: bridge"):
         load_settings(write_config(tmp_path, {"model_list": [entry]}), env={})
+
+
+# ---------------------------------------------------------------------------------------- faults
+
+
+def test_an_upstream_breaking_off_mid_stream_ends_each_surface_in_its_own_way(
+    proxy: UvicornThread, upstream: ScriptedUpstream
+) -> None:
+    """After the status line went out, a failure is the surface's last event: response.failed
+    on the Responses API, Anthropic's error event on the Messages API."""
+    words = ["Let ", "me ", "think ", "about ", "it ", "a ", "bit ", "more."]
+    upstream.plan(Stream(text_stream("gpt-4o-mini", words), truncate=True))
+    with oai(proxy).responses.stream(model="gpt-4o-mini", input="x", tools=[WEATHER_FN]) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.failed"
+    assert "response.output_text.delta" in kinds
+
+    upstream.plan(Stream(text_stream("gpt-4o-mini", words), truncate=True))
+    body = {"model": "gpt-4o-mini", "max_tokens": 64, "stream": True, "tools": [WEATHER_TOOL]}
+    body["messages"] = [{"role": "user", "content": "x"}]
+    with httpx.stream("POST", proxy.url + "/v1/messages", json=body, headers={"x-api-key": ALICE}) as r:
+        assert r.status_code == 200
+        frames = [line for line in r.iter_lines() if line.startswith("event: ")]
+    assert frames[0] == "event: message_start" and frames[-1] == "event: error"
+    upstream.plan(Stream(text_stream("gpt-4o-mini", words), truncate=True))
+    stream = claude(proxy).messages.stream(
+        model="gpt-4o-mini", max_tokens=64, messages=body["messages"], tools=[WEATHER_TOOL]
+    )
+    with pytest.raises(anthropic.APIStatusError), stream as events:  # the SDK raises on that event
+        list(events)
+
+
+def test_messages_resume_after_a_proxy_restart(
+    tmp_path: Any, redis_url: str, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    """A tool_result sent to a new proxy (the one that issued the tool_use is gone) resumes the
+    program from Redis: Rome is asked next, Paris never twice."""
+    path = write_config(tmp_path, config(upstream_url, sessions={"redis_url": redis_url}))
+    messages: list[Any] = [{"role": "user", "content": "Which is hotter, Paris or Rome? (messages restart)"}]
+    asked = []
+    upstream.plan(program(LOOP_PROGRAM))
+    for round_ in range(3):
+        server = UvicornThread(create_app(load_settings(path, env={}))).start()
+        try:
+            if round_ == 2:
+                upstream.plan(program("Rome."))
+            reply = claude(server).messages.create(
+                model="gpt-4o-mini", max_tokens=256, messages=messages, tools=[WEATHER_TOOL]
+            )
+        finally:
+            server.stop()
+        if reply.stop_reason != "tool_use":
+            break
+        [use] = [b for b in reply.content if b.type == "tool_use"]
+        asked.append(use.input["city"])  # type: ignore[index]
+        messages += [
+            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": use.id,
+                        "content": json.dumps({"t": TEMPS[asked[-1]]}),
+                    }
+                ],
+            },
+        ]
+    assert asked == ["Paris", "Rome"]
+    assert reply.content[0].text == "Rome."  # type: ignore[union-attr]

@@ -9,7 +9,8 @@ as a library on its own.
 - ``build_prompt``: OpenAI messages in code form; ``parse_output``: Answer or Action;
 - ``classify``: a program as ``StaticCalls`` (parallel tool_calls) or ``KernelProgram``;
 - ``build_grammar`` / ``lark_to_gbnf``: per-request grammars for constrained generation;
-- ``render_kernel_stubs``: the tools as functions that call back through a kernel's stdin.
+- ``render_kernel_stubs``: the tools as functions that call back through a kernel's stdin;
+- ``made_functions``: the documented functions a session's programs defined, as stubs.
 """
 
 from translators.actions import Call, KernelProgram, StaticCalls, check_call, classify, render_call
@@ -17,6 +18,7 @@ from translators.errors import CallError, OutputError, ToolsetError, Translation
 from translators.gbnf import GrammarError, lark_to_gbnf, parser_for
 from translators.grammar import build_grammar, normalize_tool_choice
 from translators.kernel_stubs import render_kernel_stubs
+from translators.made import MadeFunction, defined_functions, made_functions
 from translators.openapi import HttpRequest, HttpSpec, Operation, build_request, toolset_from_openapi
 from translators.output import Action, Answer, parse_output
 from translators.prompt import build_prompt
@@ -32,6 +34,7 @@ __all__ = [
     "HttpRequest",
     "HttpSpec",
     "KernelProgram",
+    "MadeFunction",
     "Operation",
     "OutputError",
     "StaticCalls",
@@ -44,7 +47,9 @@ __all__ = [
     "build_request",
     "check_call",
     "classify",
+    "defined_functions",
     "lark_to_gbnf",
+    "made_functions",
     "normalize_tool_choice",
     "parse_output",
     "parser_for",

@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from translators.actions import render_call
+from translators.made import MadeFunction, render_made
 from translators.names import to_identifier
 from translators.stubs import render_stubs, render_value
 from translators.tools import Toolset
@@ -34,7 +36,9 @@ def content_text(content: Any) -> str:
     return str(content)
 
 
-def action_instructions(toolset: Toolset, tool_choice: Any = "auto", parallel: bool = True) -> str:
+def action_instructions(
+    toolset: Toolset, tool_choice: Any = "auto", parallel: bool = True, made: Sequence[MadeFunction] = ()
+) -> str:
     if tool_choice == "none":
         return "Answer in plain text. Do not write code in this reply."
     stubs = render_stubs(toolset, header=False).rstrip("\n")
@@ -49,6 +53,16 @@ def action_instructions(toolset: Toolset, tool_choice: Any = "auto", parallel: b
         "with keyword arguments. Print what you need to see; results come back to you as an observation. "
         "When you can answer, reply in plain text with no code block.",
     ]
+    if made:
+        lines += [
+            "",
+            "Functions you defined earlier in this conversation are still defined in your Python "
+            "session; call them instead of writing them again:",
+            "",
+            "```python",
+            render_made(made),
+            "```",
+        ]
     if not parallel:
         lines.append("Call one function per reply.")
     if tool_choice == "required":
@@ -83,8 +97,10 @@ def build_prompt(
     toolset: Toolset,
     tool_choice: Any = "auto",
     parallel: bool = True,
+    made: Sequence[MadeFunction] = (),
 ) -> list[dict[str, Any]]:
-    """Chat messages for the model, in code form."""
+    """Chat messages for the model, in code form; ``made``: functions the model defined in
+    earlier turns of its session, shown beside the tools."""
     system_parts: list[str] = []
     out: list[dict[str, Any]] = []
     calls_by_id: dict[str, str] = {}
@@ -130,6 +146,6 @@ def build_prompt(
         out.append({"role": "user", "content": content if has_media else content_text(content)})
     flush_observations()
     system = "\n\n".join(
-        [p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel)]
+        [p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel, made)]
     )
     return [{"role": "system", "content": system}, *out]

@@ -7,6 +7,8 @@
   at a time) go back to what the model wrote: one assistant turn with the program,
   and, once the cell finished, one observation with its output. Calls of static
   turns stay as they are: the translators render those as code already.
+- ``completed_programs``: the programs of a session that ran to their end without an
+  error, oldest first: what the session's kernel holds (the model's own functions).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import orjson
 
 from proxy.errors import InvalidRequest
 
-__all__ = ["check_tool_messages", "collapse", "conversation_digest", "trailing_tool_results"]
+__all__ = [
+    "check_tool_messages",
+    "collapse",
+    "completed_programs",
+    "conversation_digest",
+    "trailing_tool_results",
+]
 
 Message = dict[str, Any]
 Event = dict[str, Any]
@@ -53,6 +61,17 @@ def check_tool_messages(messages: list[Message]) -> None:
             )
         for call in message.get("tool_calls") or [] if role == "assistant" else []:
             open_calls[str(call.get("id"))] = i
+
+
+def completed_programs(events: list[Event]) -> list[str]:
+    """Sources of the kernel programs that ran to their end without an error, oldest first."""
+    sources = {
+        int(e["turn"]): str(e["source"])
+        for e in events
+        if e.get("kind") == "turn" and e.get("mode") == "kernel" and "source" in e
+    }
+    ended = [int(e["turn"]) for e in events if e.get("kind") == "cell_end" and not e.get("error")]
+    return [sources[turn] for turn in sorted(set(ended)) if turn in sources]
 
 
 def trailing_tool_results(messages: list[Message]) -> list[Message]:

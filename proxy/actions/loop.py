@@ -32,7 +32,13 @@ from proxy.actions.events import (
     Started,
     TextDelta,
 )
-from proxy.actions.history import check_tool_messages, collapse, conversation_digest, trailing_tool_results
+from proxy.actions.history import (
+    check_tool_messages,
+    collapse,
+    completed_programs,
+    conversation_digest,
+    trailing_tool_results,
+)
 from proxy.actions.programs import KernelDriver, Settled, next_seq
 from proxy.actions.runtime import Runtime
 from proxy.actions.step import Step, ToolCallOut
@@ -54,6 +60,7 @@ from translators import (
     build_grammar,
     build_prompt,
     lark_to_gbnf,
+    made_functions,
     normalize_tool_choice,
 )
 
@@ -306,8 +313,13 @@ class ActionLoop:
         extra: list[Message] = []  # turns of this request the client does not see
         for _ in range(step.entry.max_steps):
             events = await self.store.events(sid)
+            made = made_functions(completed_programs(events), reserved=[t.py for t in step.toolset.tools])
             prompt = build_prompt(
-                collapse(step.messages, events) + extra, step.toolset, step.choice, step.parallel
+                collapse(step.messages, events) + extra,
+                step.toolset,
+                step.choice,
+                step.parallel,
+                list(made.values()),
             )
             reply = Reply(prompt=prompt)
             seq = next_seq(events)
