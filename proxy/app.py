@@ -45,6 +45,7 @@ from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
 from proxy.kernels.sandbox import require_sandbox
+from proxy.library import Library
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
@@ -234,7 +235,8 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     metrics.watch(pool.stats, lambda: len(runtime.live))
     loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
     routes = {entry.model_name: entry for entry in settings.model_list}
-    front = Front(router, loop, tracer, routes, toolsets)
+    promoted = frozenset(n for n, c in settings.toolsets.items() if c.promoted)
+    front = Front(router, loop, tracer, routes, toolsets, Library(store), promoted)
     responses = ResponseStore(store, ttl=settings.sessions.ttl_seconds)
     replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     started_at = time.time()

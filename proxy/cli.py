@@ -4,10 +4,13 @@
     cablectl sessions ls [--json]                 sessions in the store, newest activity first
     cablectl sessions show ID                     a session's log as a tree
     cablectl sessions export --jsonl [ID ...]     one JSON line per model turn (fine-tuning data)
+    cablectl tools ls [ID] [--json]               functions models defined in their sessions
+    cablectl tools show ID NAME                   one such function's source, to review it
+    cablectl tools promote ID NAME --toolset T    keep it in stored toolset T, for other sessions
     cablectl kernels ls [--json]                  every replica's kernels
     cablectl config check PATH                    validate a config, print the resolved routes
 
-The ``sessions`` and ``kernels`` commands read the session store named by the config
+The ``sessions``, ``tools`` and ``kernels`` commands read the session store named by the config
 (``sessions.redis_url``) or by ``--redis-url``; in-process sessions live inside one
 proxy process and cannot be read from outside it.
 """
@@ -30,10 +33,13 @@ from rich.table import Table
 from rich.tree import Tree
 
 from proxy import __version__
+from proxy.actions.history import completed_programs
 from proxy.config import Settings, load_settings
 from proxy.errors import CablectlError, ConfigError
+from proxy.library import Library
 from proxy.sessions import RedisSessionStore, SessionStore
 from proxy.views import Node, export_turns, session_tree, summarize
+from translators import MadeFunction, made_functions
 
 __all__ = ["main"]
 
@@ -71,6 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--jsonl", action="store_true", help="JSON lines (the only format; the default)")
     export.add_argument("-o", "--output", help="write to this file instead of stdout")
     export.add_argument("session_ids", nargs="*", help="sessions to export (default: all)")
+
+    tools = sub.add_parser(
+        "tools", help="functions models defined in their sessions; promote reviewed ones"
+    ).add_subparsers(dest="action", required=True)
+    tls = tools.add_parser("ls", help="functions sessions' programs defined (documented, top level)")
+    store_options(tls)
+    tls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    tls.add_argument("session_id", nargs="?", help="one session (default: all)")
+    tshow = tools.add_parser("show", help="one function's source, to review it")
+    store_options(tshow)
+    tshow.add_argument("session_id")
+    tshow.add_argument("name")
+    promote = tools.add_parser(
+        "promote", help="keep a reviewed function in a stored toolset (toolsets: NAME: {promoted: true})"
+    )
+    store_options(promote)
+    promote.add_argument("session_id")
+    promote.add_argument("name")
+    promote.add_argument("--toolset", required=True, help="the stored toolset to keep it in")
 
     kernels = sub.add_parser("kernels", help="inspect kernel pools").add_subparsers(
         dest="action", required=True
@@ -320,6 +345,63 @@ def _config_check(path: str, out: Console) -> int:
     return 0
 
 
+# --- tools the models made ---------------------------------------------------------------------
+
+_TOOL_COLUMNS = ("session_id", "name", "signature", "doc")
+
+
+async def _made(store: SessionStore, session_id: str) -> dict[str, MadeFunction]:
+    return made_functions(completed_programs(await store.events(session_id)))
+
+
+async def _tools_ls(store: SessionStore, out: Console, session_id: str | None, as_json: bool) -> int:
+    rows = [
+        {
+            "session_id": sid,
+            "name": f.name,
+            "signature": f.stub.splitlines()[0].removeprefix("def ").rstrip(":"),
+            "doc": f.doc.splitlines()[0],
+        }
+        for sid in ([session_id] if session_id else await store.sessions())
+        for f in (await _made(store, sid)).values()
+    ]
+    return _print_rows(out, f"{len(rows)} function(s)", _TOOL_COLUMNS, rows, as_json)
+
+
+async def _made_one(store: SessionStore, out: Console, session_id: str, name: str) -> MadeFunction | None:
+    made = await _made(store, session_id)
+    if name not in made:
+        known = ", ".join(sorted(made)) or "none"
+        out.print(
+            f"[red]session {session_id!r} defined no documented function {name!r}[/red] "
+            f"(its functions: {known}; list them with 'cablectl tools ls {session_id}')"
+        )
+        return None
+    return made[name]
+
+
+async def _tools_show(store: SessionStore, out: Console, session_id: str, name: str) -> int:
+    function = await _made_one(store, out, session_id, name)
+    if function is None:
+        return 1
+    out.print(function.source, markup=False, highlight=False)
+    return 0
+
+
+async def _tools_promote(args: argparse.Namespace, store: SessionStore, out: Console) -> int:
+    function = await _made_one(store, out, args.session_id, args.name)
+    if function is None:
+        return 1
+    await Library(store).promote(args.toolset, function, args.session_id)
+    out.print(
+        f"{function.name} kept in toolset {args.toolset!r}; routes that list it (and keys that may use "
+        f"it) get it in every new program's kernel. Declare it in config.yaml: "
+        f"toolsets: {{{args.toolset}: {{promoted: true}}}}",
+        markup=False,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # piped output gets wide tables instead of 80 columns of ellipses
@@ -335,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s: _sessions_show(s, out, args.session_id)))
         if args.command == "sessions" and args.action == "export":
             return _sessions_export(args)
+        if args.command == "tools" and args.action == "ls":
+            return asyncio.run(_with_store(args, lambda s: _tools_ls(s, out, args.session_id, args.json)))
+        if args.command == "tools" and args.action == "show":
+            return asyncio.run(_with_store(args, lambda s: _tools_show(s, out, args.session_id, args.name)))
+        if args.command == "tools" and args.action == "promote":
+            return asyncio.run(_with_store(args, lambda s: _tools_promote(args, s, out)))
         if args.command == "kernels":
             return asyncio.run(_with_store(args, lambda s: _kernels_ls(s, out, args.json)))
     except CablectlError as exc:

@@ -226,12 +226,15 @@ class ToolsetConfig(BaseModel):
     base_url: str | None = None  # overrides the spec's servers[0]
     headers: dict[str, str] = Field(default_factory=dict)  # e.g. Authorization: os.environ/TOKEN
     mcp: MCPServer | None = None
+    # functions promoted from sessions (`cablectl tools promote`), kept in the session store
+    # and defined in the kernels of the routes that list this toolset
+    promoted: bool = False
     timeout: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _one(self) -> ToolsetConfig:
-        if (self.openapi is None) == (self.mcp is None):
-            raise ValueError("a toolset is either 'openapi' or 'mcp'")
+        if sum((self.openapi is not None, self.mcp is not None, self.promoted)) != 1:
+            raise ValueError("a toolset is one of 'openapi', 'mcp' or 'promoted: true'")
         return self
 
 

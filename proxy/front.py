@@ -30,11 +30,13 @@ from proxy.auth import Principal
 from proxy.backends.base import SSEStream
 from proxy.config import ModelEntry
 from proxy.errors import CablectlError, InvalidRequest
+from proxy.library import Library
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
 from proxy.toolsets import ServerToolset
 from proxy.tracing import TRACE_HEADER, Span, Tracer
+from translators import MadeFunction
 
 __all__ = [
     "SESSION_HEADER",
@@ -78,12 +80,34 @@ class Front:
         tracer: Tracer,
         routes: dict[str, ModelEntry],
         toolsets: dict[str, ServerToolset],
+        library: Library | None = None,
+        promoted: frozenset[str] = frozenset(),
     ) -> None:
         self.router = router
         self.loop = loop
         self.tracer = tracer
         self.routes = routes
-        self.toolsets = toolsets
+        self.toolsets = toolsets  # executed by the proxy
+        self.library = library  # promoted toolsets (``promoted``): defined in the kernel
+        self.promoted = promoted
+
+    def _offered(
+        self, entry: ModelEntry, principal: Principal
+    ) -> tuple[list[ServerToolset], set[str], list[str]]:
+        """The route's executed toolsets this key may use, the functions of those it may not,
+        and the promoted toolsets it may use."""
+        mine = [n for n in entry.toolsets if principal.may_use_toolset(n)]
+        offered = [self.toolsets[n] for n in mine if n in self.toolsets]
+        denied = {
+            f
+            for n in entry.toolsets
+            if n in self.toolsets and not principal.may_use_toolset(n)
+            for f in self.toolsets[n].names()
+        }
+        return offered, denied, [n for n in mine if n in self.promoted]
+
+    async def _library(self, names: list[str]) -> list[MadeFunction]:
+        return await self.library.functions(names) if names and self.library is not None else []
 
     def loop_entry(self, chat: ChatCompletionRequest) -> ModelEntry | None:
         """The route, if this request goes through the action loop."""
@@ -110,10 +134,8 @@ class Front:
         entry = self.loop_entry(chat)
         if entry is None:
             return await self._bridged(payload, chat, record.clock, surface)
-        offered = [self.toolsets[n] for n in entry.toolsets if principal.may_use_toolset(n)]
-        denied = {
-            f for n in entry.toolsets if not principal.may_use_toolset(n) for f in self.toolsets[n].names()
-        }
+        offered, denied, promoted = self._offered(entry, principal)
+        library = await self._library(promoted)
         session = session_key(request, payload, principal)
         metadata = payload.get("metadata")
         if isinstance(metadata, dict) and "session_id" in metadata:  # ours: not the upstream's
@@ -132,6 +154,7 @@ class Front:
             principal.key_id,
             continues=continues,
             surface=surface,
+            library=library,
         )
         head = await _head(source)
         started = next((e for e in head if isinstance(e, Started)), None)
@@ -149,8 +172,9 @@ class Front:
         entry = self.loop_entry(chat)
         if entry is None:
             return await backend.count_tokens(list(payload["messages"]), payload.get("tools"))
-        offered = [self.toolsets[n] for n in entry.toolsets if principal.may_use_toolset(n)]
-        return await backend.count_tokens(self.loop.prompt_for(chat, payload, offered), None)
+        offered, _, promoted = self._offered(entry, principal)
+        prompt = self.loop.prompt_for(chat, payload, offered, await self._library(promoted))
+        return await backend.count_tokens(prompt, None)
 
     async def _bridged(
         self, payload: dict[str, Any], chat: ChatCompletionRequest, clock: UpstreamClock, surface: str

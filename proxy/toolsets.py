@@ -171,7 +171,9 @@ class MCPToolset(ServerToolset):
 
 
 def build_toolsets(configs: dict[str, ToolsetConfig]) -> dict[str, ServerToolset]:
+    """The toolsets the proxy executes (promoted ones live in the kernel: ``proxy.library``)."""
     return {
         name: (OpenAPIToolset(name, config) if config.openapi else MCPToolset(name, config))
         for name, config in configs.items()
+        if not config.promoted
     }

@@ -53,6 +53,7 @@ from proxy.sessions import CallIds, SessionStore, new_session_id
 from proxy.toolsets import ServerToolset
 from proxy.tracing import NoopTracer, Tracer
 from translators import (
+    MadeFunction,
     StaticCalls,
     Toolset,
     ToolsetCache,
@@ -202,14 +203,15 @@ class ActionLoop:
         request: ChatCompletionRequest,
         payload: dict[str, Any],
         server: list[ServerToolset] | None = None,
-        denied: set[str] | None = None,
+        library: list[MadeFunction] | None = None,
     ) -> list[Message]:
         """The messages the model would see for this request's first turn (tools as stubs);
         a bad request raises as ``stream`` would."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
-        toolset, choice, _ = self._toolset(payload, request, server or [], denied or set())
-        return build_prompt(messages, toolset, choice, request.parallel_tool_calls is not False)
+        toolset, choice, _ = self._toolset(payload, request, server or [], set())
+        shown = [f for f in library or [] if toolset.by_py(f.name) is None]
+        return build_prompt(messages, toolset, choice, request.parallel_tool_calls is not False, shown)
 
     async def stream(
         self,
@@ -223,6 +225,7 @@ class ActionLoop:
         owner: str = "anonymous",
         continues: str | None = None,
         surface: str = "chat.completions",
+        library: list[MadeFunction] | None = None,
     ) -> AsyncIterator[Event]:
         """Answer one request as events. Anything wrong with the request raises before the first.
 
@@ -230,7 +233,8 @@ class ActionLoop:
         names (``session``, scoped to its API key), else ``continues`` (a session the proxy
         itself recorded for this conversation, e.g. a stored response's), else the one whose
         answered conversation this request's history extends (``owner``'s, and only if exactly
-        one), else a new one. ``surface`` names the API in the trace."""
+        one), else a new one. ``surface`` names the API in the trace; ``library``: the
+        route's promoted functions, defined in the session's kernel and shown as stubs."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
         toolset, choice, servers = self._toolset(payload, request, server or [], denied or set())
@@ -271,6 +275,7 @@ class ActionLoop:
                 servers=servers,
                 span=span,
                 grammar=self._grammar(entry, toolset, choice, parallel),
+                library=[f for f in library or [] if toolset.by_py(f.name) is None],
             )
             if step.grammar is not None:  # built (and cached) by _grammar just now
                 step.grammar_lark = self._grammars[(toolset.digest, choice, parallel)][0]
@@ -313,7 +318,9 @@ class ActionLoop:
         extra: list[Message] = []  # turns of this request the client does not see
         for _ in range(step.entry.max_steps):
             events = await self.store.events(sid)
-            made = made_functions(completed_programs(events), reserved=[t.py for t in step.toolset.tools])
+            made = {f.name: f for f in step.library} | made_functions(
+                completed_programs(events), reserved=[t.py for t in step.toolset.tools]
+            )
             prompt = build_prompt(
                 collapse(step.messages, events) + extra,
                 step.toolset,

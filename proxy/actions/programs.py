@@ -13,6 +13,8 @@ already out is waited for, and only a call nobody has seen yet goes out as a new
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +26,14 @@ from proxy.actions.events import Event
 from proxy.actions.runtime import LiveSession, Runtime, result_value
 from proxy.actions.step import Step, ToolCallOut
 from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
+from proxy.library import library_source
 from proxy.metrics import Metrics
 from proxy.sessions import CallIds, SessionStore
 from proxy.toolsets import ToolCallFailed
 from proxy.tracing import Span
 from translators import CallError, check_call
+
+log = logging.getLogger("cablectl.actions")
 
 __all__ = ["CANCELLED", "KernelDriver", "Settled", "next_seq"]
 
@@ -78,6 +83,7 @@ class KernelDriver:
             live = await self._restored(step, turn)
         elif live.waiting_call_id is not None:  # an earlier program still waits for a call nobody answered
             await self.runtime.abandon(sid)
+        await self._define_library(step, live, turn)
         live.turn_calls = 0
         try:
             state = await self._guarded(live.kernel.execute(source), sid)
@@ -86,6 +92,26 @@ class KernelDriver:
         except BaseException:
             await self._cancelled(sid, turn, out)
             raise
+
+    async def _define_library(self, step: Step, live: LiveSession, turn: int) -> None:
+        """The route's promoted functions, defined in this kernel before the program runs (and
+        recorded where they were defined, so a replay defines them at the same point)."""
+        if not step.library:
+            return
+        source = library_source(step.library)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        if live.library == digest:
+            return
+        events = await self.store.events(step.session_id)
+        recorded = [e for e in events if e.get("kind") == "library"]
+        if not recorded or recorded[-1].get("digest") != digest:
+            await self.store.append(
+                step.session_id, {"kind": "library", "turn": turn, "digest": digest, "source": source}
+            )
+        state = await self._guarded(live.kernel.execute(source), step.session_id)
+        if isinstance(state, Finished) and state.output.error is not None:
+            log.warning("promoted functions failed to define in %s: %s", step.session_id, state.output.error)
+        live.library = digest
 
     async def _cancelled(self, session_id: str, turn: int, out: Settled) -> None:
         """The request went away (a client that disconnected, a failure) while its program ran

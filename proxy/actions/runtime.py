@@ -36,6 +36,7 @@ class LiveSession:
     turn_calls: int = 0  # calls the running program has made so far
     last_used: float = 0.0
     in_use: bool = False  # a request is working with this kernel right now
+    library: str | None = None  # digest of the promoted functions defined in this kernel
 
 
 def result_value(content: Any) -> Any:
@@ -174,13 +175,29 @@ class Runtime:
         }
         # a program its kernel died under is not run again (it may be what killed it), nor one
         # stopped half way because its request went away (its effects are unknown)
+        # promoted functions (``library`` events) are defined again where they were defined:
+        # before the program of the turn that defined them
         turns = [
             e
             for e in events
             if e.get("kind") == "turn" and e.get("mode") == "kernel" and int(e["turn"]) not in died
         ]
+        replayed = {int(e["turn"]) for e in turns}
+        libraries = [e for e in events if e.get("kind") == "library"]
+        steps: list[Event] = []
+        for e in events:
+            if e.get("kind") == "library" and int(e.get("turn", -1)) not in replayed:
+                steps.append(e)
+            elif e.get("kind") == "turn" and int(e.get("turn", -1)) in replayed and e.get("mode") == "kernel":
+                steps += [lib for lib in libraries if int(lib.get("turn", -1)) == int(e["turn"])]
+                steps.append(e)
         state: Pending | Finished | None = None
-        for index, event in enumerate(turns):
+        for event in steps:
+            if event.get("kind") == "library":
+                await live.kernel.execute(str(event["source"]))
+                live.library = str(event["digest"])
+                continue
+            index = turns.index(event)
             state = await live.kernel.execute(str(event["source"]))
             live.turn_calls = 0
             for call in calls_by_turn.get(int(event["turn"]), []):

@@ -17,7 +17,7 @@ from proxy.routing import UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.toolsets import ServerToolset
 from proxy.tracing import Span
-from translators import Toolset
+from translators import MadeFunction, Toolset
 
 __all__ = ["Step", "ToolCallOut"]
 
@@ -47,6 +47,7 @@ class Step:
     span: Span
     grammar: Grammar | None
     grammar_lark: str | None = None  # the same grammar as Lark: what a reply is checked against
+    library: list[MadeFunction] = field(default_factory=list)  # promoted functions of the route
     usage: Usage = field(default_factory=Usage)
     sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
     shown_text: str = ""  # text of this response so far

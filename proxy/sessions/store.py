@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -108,8 +109,9 @@ class SessionStore(abc.ABC):
         """A value kept with ``put_value``; None if absent or expired."""
 
     @abc.abstractmethod
-    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
-        """Keep ``value`` under ``key`` for ``ttl`` seconds (replacing what was there)."""
+    async def put_value(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds, or for good with None (replacing
+        what was there)."""
 
     @abc.abstractmethod
     async def delete_value(self, key: str) -> bool:
@@ -164,8 +166,8 @@ class InMemorySessionStore(SessionStore):
             return None
         return held[1]
 
-    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
-        self._values[key] = (time.monotonic() + ttl, bytes(value))
+    async def put_value(self, key: str, value: bytes, ttl: float | None) -> None:
+        self._values[key] = (math.inf if ttl is None else time.monotonic() + ttl, bytes(value))
 
     async def delete_value(self, key: str) -> bool:
         return await self.get_value(key) is not None and self._values.pop(key, None) is not None
@@ -358,8 +360,9 @@ class RedisSessionStore(SessionStore):
         raw = await self._call(self._redis.get(self._value_prefix + key))
         return None if raw is None else bytes(raw)
 
-    async def put_value(self, key: str, value: bytes, ttl: float) -> None:
-        await self._call(self._redis.set(self._value_prefix + key, value, px=max(1, int(ttl * 1000))))
+    async def put_value(self, key: str, value: bytes, ttl: float | None) -> None:
+        px = None if ttl is None else max(1, int(ttl * 1000))
+        await self._call(self._redis.set(self._value_prefix + key, value, px=px))
 
     async def delete_value(self, key: str) -> bool:
         return bool(await self._call(self._redis.delete(self._value_prefix + key)))

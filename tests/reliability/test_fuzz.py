@@ -13,7 +13,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import not_a_server_error
 
 from tests.conftest import ProxyFactory, upstream_models
 from tests.servers import UvicornThread
@@ -26,6 +25,24 @@ EXAMPLES = 60  # per operation and generation mode; derandomized, so CI runs the
 def fuzzed_proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
     return make_proxy(
         {"model_list": upstream_models(upstream_url), "kernels": {"min_idle": 0, "max_total": 2}}
+    )
+
+
+def no_server_error(ctx: Any, response: Any, case: Any) -> None:
+    """No 5xx, except the one the scripted model earns: a request that requires a tool call
+    (tool_choice required or named) gets a 502 invalid_model_output when the model keeps
+    answering in prose ("All done.") through its repairs. That is the documented answer."""
+    if response.status_code < 500:
+        return
+    body = response.json()
+    error = body.get("error") or {}
+    earned = error.get("code") == "invalid_model_output" or (  # Anthropic's shape has no code
+        case.operation.path.startswith("/v1/messages")
+        and "did not write a usable call" in error.get("message", "")
+    )
+    assert response.status_code == 502 and earned, (
+        response.status_code,
+        body,
     )
 
 
@@ -77,7 +94,7 @@ def test_no_input_gives_a_server_error(
         def exercise(case: Any) -> None:
             response = case.call_and_validate(
                 base_url=fuzzed_proxy.url,
-                checks=[not_a_server_error],
+                checks=[no_server_error],
                 additional_checks=[openai_error_body],
                 timeout=30,
             )
@@ -92,5 +109,5 @@ def test_no_input_gives_a_server_error(
     if mode == "positive":  # valid requests got answers, not only refusals
         for label in ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/messages"):
             assert 200 in statuses[label], statuses
-    assert all(code < 500 for codes in statuses.values() for code in codes), statuses
+    assert all(code < 500 or code == 502 for codes in statuses.values() for code in codes), statuses
     assert httpx.get(fuzzed_proxy.url + "/health").status_code == 200
