@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
+from proxy.actions.artifacts import Artifacts
 from proxy.actions.loop import ActionLoop
 from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
@@ -34,6 +35,7 @@ from proxy.backends.base import SSEStream
 from proxy.config import Settings
 from proxy.endpoints import (
     SSE_HEADERS,
+    add_session_routes,
     add_surface_routes,
     is_messages_path,
     messages_error_response,
@@ -226,11 +228,13 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     toolsets = build_toolsets(settings.toolsets)
     metrics = Metrics(known_models=router.names())
     tracer = build_tracer(settings.tracing.langfuse)
+    artifacts = Artifacts(store, settings.sessions.max_artifact_bytes)
     runtime = Runtime(
         pool,
         store,
         on_acquire_wait=metrics.acquire_wait.observe,
         on_replay=lambda reason: metrics.replays.labels(reason).inc(),
+        artifacts=artifacts,
     )
     metrics.watch(pool.stats, lambda: len(runtime.live))
     loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
@@ -474,6 +478,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         return await _read_body(request, body_limit)
 
     component_defs |= add_surface_routes(app, front, responses, read_body, principal_for)
+    add_session_routes(app, store, artifacts, principal_for)
 
     for path, in_schema in (("/v1/chat/completions", True), ("/chat/completions", False)):
         app.add_api_route(

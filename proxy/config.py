@@ -245,6 +245,8 @@ class SessionSettings(BaseModel):
 
     redis_url: str | None = None  # none: in-process (one replica only)
     ttl_seconds: float = Field(default=3600.0, gt=0)
+    # the bytes of files programs write that a session keeps (latest versions, in the store)
+    max_artifact_bytes: int = Field(default=10_000_000, ge=0)
     # signs tool-call ids; replicas must share it. Unset: with Redis, one generated once and
     # stored there (set if absent) at startup; in-process, a random one per process.
     secret: str | None = Field(default=None, min_length=16)

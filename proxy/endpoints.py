@@ -5,6 +5,7 @@
     DELETE /v1/responses/{id}
     POST   /v1/messages                  parse -> Front.answer -> render (JSON or SSE)
     POST   /v1/messages/count_tokens     the prompt the model would see, counted
+    GET    /v1/sessions/{id}/artifacts[/{name}]   files a session's programs wrote (its key only)
 
 Every error on a ``/v1/messages`` path is answered in Anthropic's shape (``messages_error``;
 ``proxy.app`` routes its exception handlers here through ``is_messages_path``); the Responses
@@ -15,6 +16,8 @@ on any replica that shares the session store.
 
 from __future__ import annotations
 
+import mimetypes
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,10 +27,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from proxy.accesslog import RequestRecord
+from proxy.actions.artifacts import Artifacts, latest_artifacts
 from proxy.auth import Principal
 from proxy.config import ModelEntry
-from proxy.errors import CablectlError
+from proxy.errors import CablectlError, InvalidRequest
 from proxy.front import Front, guarded_sse, timed
+from proxy.sessions import SessionStore
 from proxy.surfaces import (
     ResponseNotFound,
     ResponseStore,
@@ -47,6 +52,9 @@ from proxy.surfaces.responses import ResponsesRequest
 
 __all__ = [
     "SSE_HEADERS",
+    "ArtifactNotFound",
+    "SessionNotFound",
+    "add_session_routes",
     "add_surface_routes",
     "is_messages_path",
     "messages_error_response",
@@ -215,3 +223,82 @@ def add_surface_routes(
             path, endpoint, methods=methods, tags=[tag], openapi_extra=extra, response_model=None
         )
     return defs | messages_defs | count_defs
+
+
+class SessionNotFound(InvalidRequest):
+    """No session with that id for this API key (never made, expired, or another key's)."""
+
+    status = 404
+    code = "session_not_found"
+
+
+class ArtifactNotFound(InvalidRequest):
+    status = 404
+    code = "artifact_not_found"
+
+
+def add_session_routes(
+    app: FastAPI, store: SessionStore, artifacts: Artifacts, authenticate: Authenticate
+) -> None:
+    """``GET /v1/sessions/{id}/artifacts[/{name}]``: the files a session's programs wrote, for
+    the API key that owns the session only (anyone else gets the same 404 as for no session)."""
+
+    async def owned(request: Request, session_id: str) -> list[dict[str, Any]]:
+        principal = authenticate(request)
+        events = await store.events(session_id) if len(session_id) <= 64 else []
+        owner = next((e.get("owner") for e in events if e.get("kind") == "tools"), None)
+        if not events or owner != principal.key_id:
+            raise SessionNotFound(
+                f"No session {session_id!r} for this API key: it never existed, has expired, or "
+                "belongs to another key."
+            )
+        return events
+
+    async def list_artifacts(session_id: str, request: Request) -> Response:
+        """The latest version of each file the session's programs wrote."""
+        events = await owned(request, session_id)
+        data = [
+            {
+                "name": name,
+                "size": e["size"],
+                "sha256": e["sha256"],
+                "turn": e.get("turn"),
+                "created_at": e.get("at"),
+                "stored": bool(e.get("stored")),
+            }
+            for name, e in sorted(latest_artifacts(events).items())
+        ]
+        return JSONResponse({"object": "list", "session_id": session_id, "data": data})
+
+    async def get_artifact(session_id: str, name: str, request: Request) -> Response:
+        """One file's bytes (its latest version)."""
+        events = await owned(request, session_id)
+        event = latest_artifacts(events).get(name)
+        if event is None:
+            raise ArtifactNotFound(
+                f"Session {session_id!r} has no file {name!r}; list them at .../artifacts."
+            )
+        data = await artifacts.read(session_id, event)
+        if data is None:
+            raise ArtifactNotFound(
+                f"{name!r} ({event['size']} bytes) was recorded but not kept: it did not fit in "
+                "sessions.max_artifact_bytes, or has expired."
+            )
+        media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        filename = urllib.parse.quote(name.rsplit("/", 1)[-1])
+        return Response(
+            data,
+            media_type=media,
+            headers={
+                "content-disposition": f"attachment; filename*=UTF-8''{filename}",
+                "x-content-type-options": "nosniff",
+                "etag": f'"{event["sha256"]}"',
+            },
+        )
+
+    app.add_api_route(
+        "/v1/sessions/{session_id}/artifacts", list_artifacts, methods=["GET"], tags=["sessions"]
+    )
+    app.add_api_route(
+        "/v1/sessions/{session_id}/artifacts/{name:path}", get_artifact, methods=["GET"], tags=["sessions"]
+    )

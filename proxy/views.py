@@ -125,6 +125,16 @@ def session_tree(session_id: str, events: list[Event]) -> Node:
             error = f" · {event['error']}" if event.get("error") else ""
             took = f" · {event['duration_ms']:.0f} ms" if event.get("duration_ms") is not None else ""
             parent.add(f"output{error}{took}: {_short(event.get('output', '')) or '(none)'}")
+        elif kind == "artifact":
+            parent = actions.get(int(event.get("turn", 0))) or root
+            if event.get("deleted"):
+                parent.add(f"artifact {event['name']} · deleted")
+            else:
+                kept = "kept" if event.get("stored") else "too large, not kept"
+                sha = str(event.get("sha256", ""))[:12]
+                parent.add(f"artifact {event['name']} · {event.get('size')} bytes · sha256 {sha} · {kept}")
+        elif kind == "library":
+            root.add(f"promoted functions defined · {event.get('digest')}")
     return root
 
 

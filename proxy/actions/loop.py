@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from proxy.actions.artifacts import summary
 from proxy.actions.events import (
     ActionOutput,
     ActionStarted,
@@ -302,7 +303,9 @@ class ActionLoop:
         sid = step.session_id
         events = await self.store.events(sid)
         if not events:
-            await self.store.append(sid, {"kind": "tools", "digest": step.toolset.digest})
+            await self.store.append(
+                sid, {"kind": "tools", "digest": step.toolset.digest, "owner": step.owner}
+            )
             events = await self.store.events(sid)
         resumed = Settled()
         async for event in self.programs.resume(step, events, answers, resumed):
@@ -413,6 +416,9 @@ class ActionLoop:
                 return
             output = settled.output
             observed = output.text() if output is not None else ""
+            files = summary(settled.files)
+            if files:
+                observed = f"{observed}\n{files}" if observed else files
             yield ActionOutput(observed, output.error.ename if output is not None and output.error else None)
             block = f"```python\n{program.source}\n```"
             extra += [

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -56,6 +56,7 @@ class Settled:
 
     suspended: bool = False  # waiting for a client's result: the response ends with tool calls
     output: CellOutput | None = None  # it ran to its end
+    files: list[LogEvent] = field(default_factory=list)  # the artifact events it left
 
 
 class KernelDriver:
@@ -238,6 +239,9 @@ class KernelDriver:
             out.suspended = True
             return
         output = state.output
+        live = self.runtime.live.get(sid)
+        if self.runtime.artifacts is not None and live is not None:
+            out.files = await self.runtime.artifacts.record(sid, turn, live.kernel)
         await self.store.append(
             sid,
             {

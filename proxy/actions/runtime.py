@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from proxy.actions.artifacts import Artifacts
 from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel, PoolExhausted
 from proxy.sessions import SessionStore
 from translators import Toolset, render_kernel_stubs
@@ -62,9 +63,11 @@ class Runtime:
         store: SessionStore,
         on_acquire_wait: Callable[[float], None] | None = None,
         on_replay: Callable[[str], None] | None = None,
+        artifacts: Artifacts | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
+        self.artifacts = artifacts  # files programs write: recorded, and put back on replay
         self.live: dict[str, LiveSession] = {}
         self.on_acquire_wait = on_acquire_wait
         self.on_replay = on_replay  # told the reason of every replay
@@ -219,6 +222,8 @@ class Runtime:
                     if not isinstance(state, Pending):
                         break
                     state = await live.kernel.reply(error="no recorded result while replaying this session")
+        if self.artifacts is not None and not isinstance(state, Pending):
+            await self.artifacts.restore(session_id, events, live.kernel)
         log.info(
             "session %s replayed onto kernel %s (%s: %d programs run again)",
             session_id,
