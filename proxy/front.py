@@ -40,6 +40,7 @@ from translators import MadeFunction
 
 __all__ = [
     "SESSION_HEADER",
+    "SESSION_ID_HEADER",
     "Answer",
     "Front",
     "close_events",
@@ -52,6 +53,7 @@ __all__ = [
 log = logging.getLogger("cablectl.app")
 
 SESSION_HEADER = "x-cablectl-session"
+SESSION_ID_HEADER = "x-cablectl-session-id"  # on every answer of the action loop: its session
 
 
 @dataclass
@@ -159,6 +161,8 @@ class Front:
         head = await _head(source)
         started = next((e for e in head if isinstance(e, Started)), None)
         headers = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}
+        if started is not None:
+            headers[SESSION_ID_HEADER] = started.session_id
         return Answer(
             _chain(head, source), headers, source, session_id=started.session_id if started else None
         )

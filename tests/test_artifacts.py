@@ -70,9 +70,10 @@ def test_files_are_recorded_mentioned_listed_and_served(
     sid = SessionKey("alice", "files").session_id
     upstream.plan(program(WRITE), program("Written."))
     with sdk(proxy, "files") as client:
-        client.chat.completions.create(
+        raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Write files."}], tools=WEATHER
         )
+    assert raw.headers["x-cablectl-session-id"] == sid
     observation = upstream.received[-1].json["messages"][-1]["content"]
     assert observation.startswith("Observation:\nwritten\nFiles written: ")
     assert "report.csv (16 bytes)" in observation and "data/chart.bin (256 bytes)" in observation

@@ -210,5 +210,6 @@ def test_readme_config_reference_is_a_valid_config(tmp_path: Path) -> None:
     settings = load_settings(path, env=env)
     assert settings.tracing.langfuse is not None and settings.tracing.langfuse.secret_key == "sk-lf"
     assert [m.model_name for m in settings.model_list] == ["local", "gpt-4o-mini"]
-    assert set(settings.toolsets) == {"petstore", "time"} and settings.keys[0].toolsets == ["time"]
+    assert set(settings.toolsets) == {"petstore", "time", "helpers"} and settings.keys[0].toolsets == ["time"]
+    assert settings.toolsets["helpers"].promoted and settings.sessions.max_artifact_bytes == 10_000_000
     assert settings.kernels.max_total == 8 and settings.sessions.redis_url

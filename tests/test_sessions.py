@@ -106,8 +106,15 @@ async def test_values_are_kept_replaced_expired_and_deleted(store: SessionStore)
     assert await store.delete_value(key) is False
     assert await store.get_value(key) is None
     await store.put_value(key, b"short", ttl=0.2)
+    await store.touch_values([key, "absent"], ttl=60)  # kept longer; an absent key stays absent
+    await asyncio.sleep(0.4)
+    assert await store.get_value(key) == b"short" and await store.get_value("absent") is None
+    await store.touch_values([key], ttl=0.2)
     await asyncio.sleep(0.4)
     assert await store.get_value(key) is None
+    await store.put_value(key, b"for good", ttl=None)
+    assert await store.get_value(key) == b"for good"
+    await store.delete_value(key)
     assert key.split(":", 1)[1] not in await store.sessions()  # values are not sessions
 
 

@@ -191,6 +191,9 @@ class Artifacts:
             recorded.append(event)
         if recorded:
             await self.store.append(session_id, *recorded)
+        # the kept bytes live as long as the session's log (which this request just refreshed)
+        kept_keys = {_value_key(session_id, str(e["sha256"])) for e in kept.values() if e.get("stored")}
+        await self.store.touch_values(sorted(kept_keys), self.store.ttl)
         return recorded
 
     async def _run(self, kernel: PooledKernel, call: str, budget: int) -> list[dict[str, Any]] | None:

@@ -117,6 +117,10 @@ class SessionStore(abc.ABC):
     async def delete_value(self, key: str) -> bool:
         """Forget a value; False if there was none."""
 
+    @abc.abstractmethod
+    async def touch_values(self, keys: list[str], ttl: float) -> None:
+        """Keep these values (those that exist) for ``ttl`` seconds from now."""
+
     async def ping(self) -> bool:
         return True
 
@@ -171,6 +175,12 @@ class InMemorySessionStore(SessionStore):
 
     async def delete_value(self, key: str) -> bool:
         return await self.get_value(key) is not None and self._values.pop(key, None) is not None
+
+    async def touch_values(self, keys: list[str], ttl: float) -> None:
+        for key in keys:
+            value = await self.get_value(key)
+            if value is not None:
+                self._values[key] = (time.monotonic() + ttl, value)
 
     async def claim_digest(self, digest: str, session_id: str) -> None:
         held = self._digests.get(digest)
@@ -366,6 +376,14 @@ class RedisSessionStore(SessionStore):
 
     async def delete_value(self, key: str) -> bool:
         return bool(await self._call(self._redis.delete(self._value_prefix + key)))
+
+    async def touch_values(self, keys: list[str], ttl: float) -> None:
+        if not keys:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(self._value_prefix + key, max(1, int(ttl * 1000)))
+            await self._call(pipe.execute())
 
     async def shared_secret(self, candidate: bytes) -> bytes:
         await self._call(self._redis.set(self._secret_key, candidate.hex(), nx=True))
