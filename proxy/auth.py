@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from proxy.config import KeyEntry
 from proxy.errors import AuthenticationFailed, AuthRateLimited, PermissionDenied
@@ -34,6 +35,7 @@ class Principal:
     key_id: str
     models: frozenset[str] | None = None
     toolsets: frozenset[str] | None = None
+    approval: Literal["none", "server", "kernel", "all"] | None = None  # the key's own, if set
 
     def may_use_toolset(self, name: str) -> bool:
         return self.toolsets is None or name in self.toolsets
@@ -108,6 +110,7 @@ class KeyRing:
                     entry.id,
                     None if entry.models is None else frozenset(entry.models),
                     None if entry.toolsets is None else frozenset(entry.toolsets),
+                    entry.approval,
                 ),
             )
             for entry in keys

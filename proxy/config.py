@@ -114,6 +114,9 @@ class ModelEntry(BaseModel):
     # /v1/responses without code actions: "bridge" answers through chat completions (any
     # upstream); "upstream" forwards the request untouched to the upstream's own /responses
     responses_api: Literal["bridge", "upstream"] = "bridge"
+    # ask the client (its function approval_tool) before kernel programs and/or server-side calls
+    approval: Literal["none", "server", "kernel", "all"] = "none"
+    approval_tool: str = Field(default="approve_action", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 
     @model_validator(mode="after")
     def _responses_upstream_is_direct(self) -> ModelEntry:
@@ -174,6 +177,8 @@ class KeyEntry(BaseModel):
     key: str = Field(min_length=8)
     models: list[str] | None = None
     toolsets: list[str] | None = None  # server-side toolsets this key may use (all if unset)
+    # approval for this key's requests; the stricter of this and the route's applies
+    approval: Literal["none", "server", "kernel", "all"] | None = None
 
 
 class ServerSettings(BaseSettings):

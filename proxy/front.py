@@ -24,6 +24,7 @@ import orjson
 from fastapi import Request
 
 from proxy.accesslog import RequestRecord
+from proxy.actions.approval import Approval, approval_mode
 from proxy.actions.events import Event, Finished, Started, TextDelta, ToolCallDone, ToolCallStarted
 from proxy.actions.loop import ActionLoop, SessionKey
 from proxy.auth import Principal
@@ -157,6 +158,7 @@ class Front:
             continues=continues,
             surface=surface,
             library=library,
+            approval=Approval(approval_mode(entry.approval, principal.approval), entry.approval_tool),
         )
         head = await _head(source)
         started = next((e for e in head if isinstance(e, Started)), None)

@@ -133,6 +133,12 @@ def session_tree(session_id: str, events: list[Event]) -> Node:
                 kept = "kept" if event.get("stored") else "too large, not kept"
                 sha = str(event.get("sha256", ""))[:12]
                 parent.add(f"artifact {event['name']} · {event.get('size')} bytes · sha256 {sha} · {kept}")
+        elif kind == "approval":
+            parent = actions.get(int(event.get("turn", 0))) or root
+            verdict = "approved" if event.get("approved") else "denied"
+            parent.add(
+                f"{event.get('what', '?')} {verdict} by {event.get('by', '?')}: {_short(event.get('reason', ''))}"
+            )
         elif kind == "library":
             root.add(f"promoted functions defined · {event.get('digest')}")
     return root

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from proxy.actions.approval import Approval
 from proxy.actions.artifacts import summary
 from proxy.actions.events import (
     ActionOutput,
@@ -168,9 +169,15 @@ class ActionLoop:
         request: ChatCompletionRequest,
         server: list[ServerToolset],
         denied: set[str],
+        hidden: str | None = None,
     ) -> tuple[Toolset, str, dict[str, ServerToolset]]:
-        """The request's tools with the route's server-side ones; a bad request raises here."""
-        client_tools = list(payload.get("tools") or [])
+        """The request's tools with the route's server-side ones; a bad request raises here.
+        ``hidden``: a client function the model must not see (the approval function)."""
+        client_tools = [
+            t
+            for t in payload.get("tools") or []
+            if not (hidden and isinstance(t, dict) and (t.get("function") or {}).get("name") == hidden)
+        ]
         servers = {name: ts for ts in server for name in ts.names()}
         clash = sorted(
             {str(t.get("function", {}).get("name")) for t in client_tools if isinstance(t, dict)}
@@ -187,6 +194,11 @@ class ActionLoop:
             if isinstance(request.tool_choice, dict)
             else None
         )
+        if named is not None and named == hidden:
+            raise InvalidRequest(
+                f"tool_choice names {named!r}, the approval function: the proxy calls it, the model does not",
+                param="tool_choice",
+            )
         if named is not None and named in denied:
             raise PermissionDenied(
                 f"tool_choice names {named!r}, a server-side function this API key may not use",
@@ -227,6 +239,7 @@ class ActionLoop:
         continues: str | None = None,
         surface: str = "chat.completions",
         library: list[MadeFunction] | None = None,
+        approval: Approval | None = None,
     ) -> AsyncIterator[Event]:
         """Answer one request as events. Anything wrong with the request raises before the first.
 
@@ -235,10 +248,17 @@ class ActionLoop:
         itself recorded for this conversation, e.g. a stored response's), else the one whose
         answered conversation this request's history extends (``owner``'s, and only if exactly
         one), else a new one. ``surface`` names the API in the trace; ``library``: the
-        route's promoted functions, defined in the session's kernel and shown as stubs."""
+        route's promoted functions, defined in the session's kernel and shown as stubs;
+        ``approval``: what the client approves first (``proxy.actions.approval``)."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
-        toolset, choice, servers = self._toolset(payload, request, server or [], denied or set())
+        if approval is not None and approval.mode == "none":
+            approval = None
+        if approval is not None:
+            approval.check_declared(list(payload.get("tools") or []), has_server_tools=bool(server))
+        toolset, choice, servers = self._toolset(
+            payload, request, server or [], denied or set(), approval.tool if approval else None
+        )
         session_id = (
             self._session_of(messages)
             or (session.session_id if session else None)
@@ -277,6 +297,7 @@ class ActionLoop:
                 span=span,
                 grammar=self._grammar(entry, toolset, choice, parallel),
                 library=[f for f in library or [] if toolset.by_py(f.name) is None],
+                approval=approval,
             )
             if step.grammar is not None:  # built (and cached) by _grammar just now
                 step.grammar_lark = self._grammars[(toolset.digest, choice, parallel)][0]
@@ -384,6 +405,10 @@ class ActionLoop:
                     ).end(output={"sent_to_client": call.id}, metadata={"kind": "client", "path": "static"})
                 yield Finished("tool_calls", step.usage)
                 return
+            if step.approval is not None and step.approval.programs:
+                async for event in self._ask_for_program(step, record, program, reply, seq, turn):
+                    yield event
+                return
             # a kernel program; calls sent while it was written are its first calls
             await self.store.append(
                 sid,
@@ -427,6 +452,37 @@ class ActionLoop:
             ]
         yield TextDelta(("\n\n" if step.shown_text else "") + OUT_OF_STEPS)
         yield Finished("length", step.usage)
+
+    async def _ask_for_program(
+        self, step: Step, record: LogEvent, program: Any, reply: Reply, seq: int, turn: int
+    ) -> AsyncIterator[Event]:
+        """The client approves a kernel program before it runs: the program is recorded, and
+        the response is one call to the approval function (``programs.resume`` acts on it)."""
+        assert step.approval is not None
+        call_id = self.ids.issue(step.session_id, seq)
+        arguments = {
+            "kind": "program",
+            "source": program.source,
+            "calls": list(getattr(program, "tools_called", ()) or ()),
+            "reason": reply.thought,
+        }
+        await self.store.append(
+            step.session_id,
+            {**record, "mode": "kernel", "source": program.source, "thought": reply.thought},
+            {
+                "kind": "call",
+                "call_id": call_id,
+                "seq": seq,
+                "turn": turn,
+                "tool": step.approval.tool,
+                "arguments": arguments,
+                "approval": "program",
+            },
+        )
+        step.span.child("approval", input=arguments).end(output={"asked": call_id})
+        for event in step.send(ToolCallOut(call_id, step.approval.tool, orjson.dumps(arguments).decode())):
+            yield event
+        yield Finished("tool_calls", step.usage)
 
     def _static_rest(self, step: Step, program: StaticCalls, seq: int) -> list[Event]:
         """The calls of a static program that did not go out while it was written."""

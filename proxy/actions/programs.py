@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 import orjson
 
+from proxy.actions.approval import verdict
+from proxy.actions.artifacts import summary
 from proxy.actions.events import Event
 from proxy.actions.runtime import LiveSession, Runtime, result_value
 from proxy.actions.step import Step, ToolCallOut
@@ -29,15 +31,16 @@ from proxy.kernels import CellError, CellOutput, Finished, KernelDied, Pending
 from proxy.library import library_source
 from proxy.metrics import Metrics
 from proxy.sessions import CallIds, SessionStore
-from proxy.toolsets import ToolCallFailed
+from proxy.toolsets import ServerToolset, ToolCallFailed
 from proxy.tracing import Span
 from translators import CallError, check_call
 
 log = logging.getLogger("cablectl.actions")
 
-__all__ = ["CANCELLED", "KernelDriver", "Settled", "next_seq"]
+__all__ = ["CANCELLED", "DENIED", "KernelDriver", "Settled", "next_seq"]
 
 CANCELLED = "Cancelled"  # a cell_end's error: the request went away while the program ran
+DENIED = "Denied"  # a cell_end's error: the user did not approve the program
 
 Message = dict[str, Any]
 LogEvent = dict[str, Any]
@@ -173,7 +176,11 @@ class KernelDriver:
                 continue
             events = await self.store.events(sid)
             index, live.turn_calls = live.turn_calls, live.turn_calls + 1
-            known = [e for e in events if e.get("kind") == "call" and int(e.get("turn", 0)) == turn]
+            known = [
+                e
+                for e in events
+                if e.get("kind") == "call" and int(e.get("turn", 0)) == turn and not e.get("approval")
+            ]
             if (
                 index < len(known)
                 and known[index]["tool"] == request.tool
@@ -206,22 +213,14 @@ class KernelDriver:
                 "arguments": arguments,
             }
             server = step.servers.get(request.tool)
+            if server is not None and step.approval is not None and step.approval.server_calls:
+                for event in await self._ask_for_call(step, turn, events, request.tool, arguments):
+                    yield event
+                live.waiting_call_id = step.sent[-1].id
+                out.suspended = True
+                return
             if server is not None:  # the proxy answers it; recorded so a replay need not call again
-                recorded = {"kind": "result", "call_id": call_id}
-                self.metrics.tool_calls.labels("server").inc()
-                with action.child(
-                    "tool",
-                    "tool",
-                    input={"name": request.tool, "arguments": arguments},
-                    metadata={"kind": "server", "toolset": server.name, "call_id": call_id},
-                ) as tool_span:
-                    try:
-                        recorded["value"] = await server.call(request.tool, arguments)
-                        tool_span.end(output=recorded["value"])
-                    except ToolCallFailed as exc:
-                        recorded["error"] = str(exc)
-                        tool_span.end(error=str(exc))
-                await self.store.append(sid, {**call_event, "server": server.name}, recorded)
+                recorded = await self._call_server(step, server, call_event, action)
                 state = await self._reply(sid, recorded)
                 continue
             await self.store.append(sid, call_event)
@@ -242,12 +241,14 @@ class KernelDriver:
         live = self.runtime.live.get(sid)
         if self.runtime.artifacts is not None and live is not None:
             out.files = await self.runtime.artifacts.record(sid, turn, live.kernel)
+        files = summary(out.files)
         await self.store.append(
             sid,
             {
                 "kind": "cell_end",
                 "turn": turn,
-                "output": output.text(),
+                # what the model is shown of it: the output, and the files it wrote
+                "output": f"{output.text()}\n{files}" if output.text() and files else output.text() or files,
                 "error": output.error.ename if output.error else None,
                 "duration_ms": round(output.duration_ms, 3),
                 "kernel_id": kernel_id,
@@ -259,6 +260,136 @@ class KernelDriver:
             error=f"{output.error.ename}: {output.error.evalue}" if output.error else None,
         )
         out.output = output
+
+    async def _call_server(
+        self, step: Step, server: ServerToolset, call_event: LogEvent, action: Span, denied: str | None = None
+    ) -> LogEvent:
+        """Make a server-side call (or record it as denied by the user) and log it with its
+        result, so a replay feeds the result back instead of calling again."""
+        tool, arguments, call_id = call_event["tool"], call_event["arguments"], call_event["call_id"]
+        recorded: LogEvent = {"kind": "result", "call_id": call_id}
+        with action.child(
+            "tool",
+            "tool",
+            input={"name": tool, "arguments": arguments},
+            metadata={"kind": "server", "toolset": server.name, "call_id": call_id},
+        ) as tool_span:
+            if denied is not None:
+                recorded["error"] = f"The user denied this call: {denied}"
+                tool_span.end(error=recorded["error"])
+            else:
+                self.metrics.tool_calls.labels("server").inc()
+                try:
+                    recorded["value"] = await server.call(tool, arguments)
+                    tool_span.end(output=recorded["value"])
+                except ToolCallFailed as exc:
+                    recorded["error"] = str(exc)
+                    tool_span.end(error=str(exc))
+        extra = {"denied": True} if denied is not None else {}
+        await self.store.append(step.session_id, {**call_event, "server": server.name, **extra}, recorded)
+        return recorded
+
+    async def _ask_for_call(
+        self, step: Step, turn: int, events: list[LogEvent], tool: str, arguments: dict[str, Any]
+    ) -> list[Event]:
+        """The client approves a server-side call before it is made: one call to the approval
+        function; the program waits on it (``_decided`` acts on the answer)."""
+        assert step.approval is not None
+        program = next((e for e in events if e.get("kind") == "turn" and int(e.get("turn", 0)) == turn), {})
+        seq = next_seq(events)
+        call_id = self.ids.issue(step.session_id, seq)
+        asked = {
+            "kind": "call",
+            "source": str(program.get("source", "")),
+            "calls": [{"name": tool, "arguments": arguments}],
+            "reason": str(program.get("thought") or ""),
+        }
+        await self.store.append(
+            step.session_id,
+            {
+                "kind": "call",
+                "call_id": call_id,
+                "seq": seq,
+                "turn": turn,
+                "tool": step.approval.tool,
+                "arguments": asked,
+                "approval": "call",
+                "for": {"tool": tool, "arguments": arguments},
+            },
+        )
+        step.span.child("approval", input=asked).end(output={"asked": call_id})
+        return list(step.send(ToolCallOut(call_id, step.approval.tool, orjson.dumps(asked).decode())))
+
+    async def _decided(
+        self, step: Step, waiting: LogEvent, answer: Message, out: Settled
+    ) -> AsyncIterator[Event]:
+        """The client answered an approval: record who decided what, then run the program (or
+        make the call), or tell the model it was denied."""
+        sid, turn = step.session_id, int(waiting["turn"])
+        approved, reason = verdict(answer.get("content"))
+        await self.store.append(
+            sid,
+            {
+                "kind": "approval",
+                "call_id": waiting["call_id"],
+                "turn": turn,
+                "what": waiting["approval"],
+                "approved": approved,
+                "reason": reason,
+                "by": step.owner,
+            },
+        )
+        step.span.child("approval", input=waiting.get("arguments")).end(
+            output={"approved": approved, "reason": reason, "by": step.owner}
+        )
+        events = await self.store.events(sid)
+        program = next((e for e in events if e.get("kind") == "turn" and int(e.get("turn", 0)) == turn), {})
+        source = str(program.get("source", ""))
+        with step.span.child("action", input=source, metadata={"turn": turn, "approved": approved}) as action:
+            if waiting["approval"] == "program":
+                if approved:
+                    async for event in self.run(step, turn, source, out, action):
+                        yield event
+                    return
+                text = f"Not run: the user denied this program ({reason})."
+                await self.store.append(
+                    sid, {"kind": "cell_end", "turn": turn, "output": text, "error": DENIED}
+                )
+                action.end(output=text)
+                out.output = CellOutput(stdout=text)
+                return
+            # a server-side call the program waits on, in its kernel or in a replay of the log
+            target = waiting["for"]
+            live = self.runtime.live.get(sid)
+            if (
+                live is not None
+                and live.waiting_call_id == waiting["call_id"]
+                and not live.kernel.retired
+                and await live.kernel.connection.is_alive()
+            ):  # the kernel waits on the call itself (already counted among the turn's calls)
+                live.waiting_call_id = None
+                live.in_use = True
+                waits = True
+            else:
+                live, state = await self.runtime.replay(sid, step.toolset, events, reason="waiting_call")
+                waits = isinstance(state, Pending)
+                live.turn_calls += 1
+            server = step.servers.get(str(target["tool"]))
+            if not waits or server is None:
+                return  # the program went another way, or the toolset is no longer offered
+            seq = next_seq(await self.store.events(sid))
+            call_event = {
+                "kind": "call",
+                "call_id": self.ids.issue(sid, seq),
+                "seq": seq,
+                "turn": turn,
+                "tool": target["tool"],
+                "arguments": target["arguments"],
+            }
+            recorded = await self._call_server(step, server, call_event, action, None if approved else reason)
+            state = await self._reply(sid, recorded)
+            async for event in self.settle(step, turn, state, out, action):
+                yield event
 
     async def _reply(self, session_id: str, recorded: LogEvent) -> Pending | Finished:
         kernel = self.runtime.live[session_id].kernel
@@ -294,6 +425,10 @@ class KernelDriver:
         latest = max(int(e["turn"]) for e in open_calls)
         waiting = next(e for e in open_calls if int(e["turn"]) == latest)
         if waiting["call_id"] not in answered:
+            return
+        if waiting.get("approval"):
+            async for event in self._decided(step, waiting, answered[waiting["call_id"]], out):
+                yield event
             return
         turn = int(waiting["turn"])
         value = result_value(answered[waiting["call_id"]].get("content"))

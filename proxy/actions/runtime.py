@@ -169,12 +169,12 @@ class Runtime:
         results: dict[str, Event] = {e["call_id"]: e for e in events if e.get("kind") == "result"}
         calls_by_turn: dict[int, list[Event]] = {}
         for event in events:
-            if event.get("kind") == "call":
+            if event.get("kind") == "call" and not event.get("approval"):  # asks are not the kernel's
                 calls_by_turn.setdefault(int(event["turn"]), []).append(event)
         died = {
             int(e["turn"])
             for e in events
-            if e.get("kind") == "cell_end" and e.get("error") in ("KernelDied", "Cancelled")
+            if e.get("kind") == "cell_end" and e.get("error") in ("KernelDied", "Cancelled", "Denied")
         }
         # a program its kernel died under is not run again (it may be what killed it), nor one
         # stopped half way because its request went away (its effects are unknown)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.actions.approval import Approval
 from proxy.actions.events import Event, ToolCallArguments, ToolCallDone, ToolCallStarted, Usage
 from proxy.backends.base import Grammar
 from proxy.config import ModelEntry
@@ -48,6 +49,7 @@ class Step:
     grammar: Grammar | None
     grammar_lark: str | None = None  # the same grammar as Lark: what a reply is checked against
     library: list[MadeFunction] = field(default_factory=list)  # promoted functions of the route
+    approval: Approval | None = None  # what the client must approve first (None: nothing)
     usage: Usage = field(default_factory=Usage)
     sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
     shown_text: str = ""  # text of this response so far

@@ -123,6 +123,7 @@ class _Pipeline:
             not isinstance(program, StaticCalls)
             or any(c.name in step.servers or (named and c.name != named) for c in program.calls)
             or step.choice == "none"
+            or (step.approval is not None and step.approval.programs)  # nothing out before it is judged
         ):
             self.stopped = True
             return
