@@ -136,9 +136,8 @@ def session_tree(session_id: str, events: list[Event]) -> Node:
         elif kind == "approval":
             parent = actions.get(int(event.get("turn", 0))) or root
             verdict = "approved" if event.get("approved") else "denied"
-            parent.add(
-                f"{event.get('what', '?')} {verdict} by {event.get('by', '?')}: {_short(event.get('reason', ''))}"
-            )
+            reason = _short(event.get("reason", ""))
+            parent.add(f"{event.get('what', '?')} {verdict} by {event.get('by', '?')}: {reason}")
         elif kind == "library":
             root.add(f"promoted functions defined · {event.get('digest')}")
     return root
