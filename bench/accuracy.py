@@ -16,6 +16,11 @@ used here, nothing else of the checker. Prints accuracy per category, prompt+com
 tokens per case and seconds per case for both, and the differences. Asserts nothing.
 
     .venv/bin/python bench/accuracy.py [--cases 10] [--categories simple_python,multiple] [--config cfg.yaml --route NAME]
+
+With ``--distractors N --affordance K``, every case also gets the functions of the next cases
+of its category (N more, deterministic), and code actions run twice: every stub in the prompt
+(``affordance.max_stubs: 0``) and only the K most relevant (``affordance.max_stubs: K``, the
+rest reachable through ``search_tools``); the JSON baseline gets the same N distractors.
 """
 
 from __future__ import annotations
@@ -60,7 +65,22 @@ def _cases(category: str, n: int) -> list[tuple[dict[str, Any], list[Any]]]:
 
     answers = {a["id"]: a["ground_truth"] for a in rows(f"possible_answer/BFCL_v4_{category}.json")}
     questions = [q for q in rows(f"BFCL_v4_{category}.json") if q["id"] in answers]
-    return [(q, answers[q["id"]]) for q in questions[:n]]
+    return [(q, answers[q["id"]]) for q in questions[:n]], questions
+
+
+def _with_distractors(
+    entry: dict[str, Any], questions: list[dict[str, Any]], index: int, n: int
+) -> dict[str, Any]:
+    """The case with the functions of the next cases of its category after its own (n more)."""
+    if n <= 0:
+        return entry
+    own = {f["name"] for f in entry["function"]}
+    extra: list[dict[str, Any]] = []
+    for other in questions[index + 1 :] + questions[:index]:
+        extra += [f for f in other["function"] if f["name"] not in own and f not in extra]
+        if len(extra) >= n:
+            break
+    return {**entry, "distractors": extra[:n]}
 
 
 def _messages(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -70,7 +90,11 @@ def _messages(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _tools(entry: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for function in entry["function"]:
+    seen: set[str] = set()
+    for function in entry["function"] + entry.get("distractors", []):
+        if function["name"] in seen:
+            continue
+        seen.add(function["name"])
         function = json.loads(json.dumps(function).replace('"type": "dict"', '"type": "object"'))
         out.append({"type": "function", "function": function})
     return out
@@ -142,50 +166,64 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="a cablectl config.yaml (default: the embedded model)")
     parser.add_argument("--route", default="local", help="the model_name to measure")
     parser.add_argument("--baseline-route", help="a code_actions: false route on the same model (remote)")
+    parser.add_argument("--distractors", type=int, default=0, help="functions of other cases added to each")
+    parser.add_argument("--affordance", type=int, default=0, help="also run with affordance.max_stubs K")
     args = parser.parse_args()
 
     import openai
 
     from proxy.app import create_app
-    from proxy.config import load_settings
+    from proxy.config import AffordanceSettings, load_settings
     from tests.servers import UvicornThread
 
     check = _checker()
     baseline = None if args.baseline_route else JsonBaseline()
     settings = load_settings(args.config, env={})
     rows: dict[str, dict[str, list[float]]] = {}
-    with UvicornThread(create_app(settings)) as server:
+    every = settings.model_copy(update={"affordance": AffordanceSettings(max_stubs=0)})
+    some = settings.model_copy(update={"affordance": AffordanceSettings(max_stubs=args.affordance)})
+    keys = ("ca", "ca_tok", "ca_s", "af", "af_tok", "af_s", "js", "js_tok", "js_s")
+    with UvicornThread(create_app(every)) as server, UvicornThread(create_app(some)) as relevant:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        aff = openai.OpenAI(base_url=relevant.url + "/v1", api_key="bench", max_retries=0, timeout=600)
         for category in args.categories.split(","):
-            for entry, answer in _cases(category, args.cases):
-                row = rows.setdefault(
-                    category, {k: [] for k in ("ca", "ca_tok", "ca_s", "js", "js_tok", "js_s")}
-                )
-                for key, run in (
-                    ("ca", lambda e: through_proxy(client, args.route, e)),
+            chosen, questions = _cases(category, args.cases)
+            for i, (plain, answer) in enumerate(chosen):
+                entry = _with_distractors(plain, questions, i, args.distractors)
+                row = rows.setdefault(category, {k: [] for k in keys})
+                runs: list[tuple[str, Any]] = [("ca", lambda e: through_proxy(client, args.route, e))]
+                if args.affordance:
+                    runs.append(("af", lambda e: through_proxy(aff, args.route, e)))
+                runs.append(
                     (
                         "js",
                         (lambda e: through_proxy(client, args.baseline_route, e))
                         if args.baseline_route
                         else baseline,
-                    ),
-                ):
+                    )
+                )
+                for key, run in runs:
                     started = time.perf_counter()
                     output, tokens = run(entry)  # type: ignore[misc]
                     row[f"{key}_s"].append(time.perf_counter() - started)
                     row[f"{key}_tok"].append(tokens)
                     try:
-                        valid = bool(check(entry["function"], output, answer, category)["valid"])
+                        functions = entry["function"] + entry.get("distractors", [])
+                        valid = bool(check(functions, output, answer, category)["valid"])
                     except Exception:  # the checker's own failure on an odd output: counted as wrong
                         valid = False
                     row[key].append(1.0 if valid else 0.0)
     print(
         f"BFCL accuracy, route {args.route!r}, first {args.cases} cases per category, temperature 0, bfcl-eval AST checker"
     )
+    if args.distractors:
+        print(f"each case with {args.distractors} distractor functions of other cases")
     print(
         f"{'category':<18}{'n':>4}{'code actions':>14}{'JSON':>8}{'diff':>8}{'tok/case':>10}{'JSON':>8}{'s/case':>9}{'JSON':>8}{'ratio':>7}"
     )
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    if args.affordance:
+        print(f"(code actions with every stub; with affordance.max_stubs {args.affordance} below)")
     for category, r in rows.items():
         ca, js = 100 * mean(r["ca"]), 100 * mean(r["js"])
         print(
@@ -193,6 +231,13 @@ def main() -> int:
             f"{mean(r['ca_tok']):>10.0f}{mean(r['js_tok']):>8.0f}{mean(r['ca_s']):>9.2f}{mean(r['js_s']):>8.2f}"
             f"{mean(r['ca_s']) / mean(r['js_s']):>7.2f}"
         )
+        if args.affordance:
+            af = 100 * mean(r["af"])
+            print(
+                f"{'  affordance':<18}{len(r['af']):>4}{af:>13.1f}%{js:>7.1f}%{af - js:>+8.1f}"
+                f"{mean(r['af_tok']):>10.0f}{mean(r['js_tok']):>8.0f}{mean(r['af_s']):>9.2f}{mean(r['js_s']):>8.2f}"
+                f"{mean(r['af_s']) / mean(r['js_s']):>7.2f}"
+            )
     return 0
 
 

@@ -237,7 +237,9 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
         artifacts=artifacts,
     )
     metrics.watch(pool.stats, lambda: len(runtime.live))
-    loop = ActionLoop(router, runtime, store, ids, tracer=tracer, metrics=metrics)
+    loop = ActionLoop(
+        router, runtime, store, ids, tracer=tracer, metrics=metrics, max_stubs=settings.affordance.max_stubs
+    )
     routes = {entry.model_name: entry for entry in settings.model_list}
     promoted = frozenset(n for n, c in settings.toolsets.items() if c.promoted)
     front = Front(router, loop, tracer, routes, toolsets, Library(store), promoted)

@@ -303,6 +303,14 @@ class TracingSettings(BaseModel):
     langfuse: LangfuseSettings | None = None
 
 
+class AffordanceSettings(BaseModel):
+    """``affordance:``: how many tool stubs a prompt shows before it shows only the relevant ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_stubs: int = Field(default=24, ge=0)  # 0: always show every stub
+
+
 class Settings(BaseModel):
     """The whole configuration. Built once by ``load_settings``."""
 
@@ -316,6 +324,7 @@ class Settings(BaseModel):
     kernels: KernelSettings = Field(default_factory=KernelSettings)
     toolsets: dict[str, ToolsetConfig] = Field(default_factory=dict)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    affordance: AffordanceSettings = Field(default_factory=AffordanceSettings)
 
     @model_validator(mode="after")
     def _toolsets_exist(self) -> Settings:

@@ -21,10 +21,19 @@ import yaml
 
 from proxy.config import ToolsetConfig
 from proxy.errors import ConfigError
-from translators import Operation, build_request, toolset_from_openapi
+from translators import Operation, Toolset, build_request, render_stubs, toolset_from_openapi
+from translators.affordance import ToolIndex
 from translators.errors import ToolsetError
 
-__all__ = ["MCPToolset", "OpenAPIToolset", "ServerToolset", "ToolCallFailed", "build_toolsets"]
+__all__ = [
+    "SEARCH_TOOLS",
+    "MCPToolset",
+    "OpenAPIToolset",
+    "ServerToolset",
+    "ToolCallFailed",
+    "ToolSearch",
+    "build_toolsets",
+]
 
 log = logging.getLogger("cablectl.toolsets")
 
@@ -168,6 +177,46 @@ class MCPToolset(ServerToolset):
 
     async def aclose(self) -> None:
         await self._stack.aclose()
+
+
+SEARCH_TOOLS = "search_tools"
+
+
+class ToolSearch(ServerToolset):
+    """``search_tools(query, limit=8) -> list[str]``: the stubs of the request's tools that best
+    match ``query``, for a prompt that shows only some of them (``translators.affordance``).
+    Answered by the proxy from the request's own tools; nothing leaves the process."""
+
+    def __init__(self, index: ToolIndex) -> None:
+        super().__init__("affordance", ToolsetConfig(promoted=True))  # proxy-internal: nothing to configure
+        self.index = index
+        self.tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": SEARCH_TOOLS,
+                    "description": "Stubs of more functions you can call, best match first.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "query": {"type": "string", "description": "what the function should do"},
+                            "limit": {"type": "integer", "default": 8},
+                        },
+                        "required": ["query"],
+                    },
+                },
+            }
+        ]
+
+    async def start(self) -> None:
+        return None
+
+    async def call(self, tool: str, arguments: dict[str, Any]) -> Any:
+        limit = max(1, min(int(arguments.get("limit") or 8), 50))
+        return [
+            render_stubs(Toolset(tools=(t,), digest=self.index.toolset.digest), header=False).strip()
+            for t in self.index.rank(str(arguments.get("query", "")), limit)
+        ]
 
 
 def build_toolsets(configs: dict[str, ToolsetConfig]) -> dict[str, ServerToolset]:

@@ -37,11 +37,18 @@ def content_text(content: Any) -> str:
 
 
 def action_instructions(
-    toolset: Toolset, tool_choice: Any = "auto", parallel: bool = True, made: Sequence[MadeFunction] = ()
+    toolset: Toolset,
+    tool_choice: Any = "auto",
+    parallel: bool = True,
+    made: Sequence[MadeFunction] = (),
+    stubs_of: Toolset | None = None,
 ) -> str:
+    """The system prompt's instructions; ``stubs_of``: the tools to show as stubs when not all
+    of ``toolset`` (the others are defined too, and ``search_tools`` finds them)."""
     if tool_choice == "none":
         return "Answer in plain text. Do not write code in this reply."
-    stubs = render_stubs(toolset, header=False).rstrip("\n")
+    shown = stubs_of if stubs_of is not None else toolset
+    stubs = render_stubs(shown, header=False).rstrip("\n")
     lines = [
         "You can act by writing Python. These functions are already defined; do not define or import them:",
         "",
@@ -53,6 +60,13 @@ def action_instructions(
         "with keyword arguments. Print what you need to see; results come back to you as an observation. "
         "When you can answer, reply in plain text with no code block.",
     ]
+    hidden = len(toolset.tools) - len(shown.tools)
+    if hidden > 0:
+        lines += [
+            "",
+            f"{hidden} more functions are defined but not shown; call search_tools(query) and print "
+            "what it returns to see the stubs of the ones you need.",
+        ]
     if made:
         lines += [
             "",
@@ -98,6 +112,7 @@ def build_prompt(
     tool_choice: Any = "auto",
     parallel: bool = True,
     made: Sequence[MadeFunction] = (),
+    stubs_of: Toolset | None = None,
 ) -> list[dict[str, Any]]:
     """Chat messages for the model, in code form; ``made``: functions the model defined in
     earlier turns of its session, shown beside the tools."""
@@ -146,6 +161,7 @@ def build_prompt(
         out.append({"role": "user", "content": content if has_media else content_text(content)})
     flush_observations()
     system = "\n\n".join(
-        [p for p in system_parts if p.strip()] + [action_instructions(toolset, tool_choice, parallel, made)]
+        [p for p in system_parts if p.strip()]
+        + [action_instructions(toolset, tool_choice, parallel, made, stubs_of)]
     )
     return [{"role": "system", "content": system}, *out]

@@ -52,7 +52,7 @@ from proxy.metrics import Metrics
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, SessionStore, new_session_id
-from proxy.toolsets import ServerToolset
+from proxy.toolsets import SEARCH_TOOLS, ServerToolset, ToolSearch
 from proxy.tracing import NoopTracer, Tracer
 from translators import (
     MadeFunction,
@@ -66,6 +66,8 @@ from translators import (
     made_functions,
     normalize_tool_choice,
 )
+from translators.affordance import ToolIndex
+from translators.prompt import content_text
 
 __all__ = ["ActionLoop", "SessionKey"]
 
@@ -117,6 +119,7 @@ class ActionLoop:
         ids: CallIds,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
+        max_stubs: int = 24,
     ) -> None:
         self.router = router
         self.runtime = runtime
@@ -128,6 +131,16 @@ class ActionLoop:
         self.turns = ModelTurn(router, ids, self.metrics)
         self.programs = KernelDriver(runtime, store, ids, self.metrics)
         self._grammars: dict[tuple[str, str, bool], tuple[str, str]] = {}
+        self.max_stubs = max_stubs  # more tools than this: the prompt shows the relevant ones
+        self._indexes: dict[str, ToolIndex] = {}
+
+    def _index(self, toolset: Toolset) -> ToolIndex:
+        index = self._indexes.get(toolset.digest)
+        if index is None:
+            index = self._indexes[toolset.digest] = ToolIndex(toolset)
+            if len(self._indexes) > 64:
+                self._indexes.pop(next(iter(self._indexes)))
+        return index
 
     def _grammar(self, entry: ModelEntry, toolset: Toolset, choice: str, parallel: bool) -> Grammar | None:
         mode = entry.grammar_mode
@@ -256,9 +269,15 @@ class ActionLoop:
             approval = None
         if approval is not None:
             approval.check_declared(list(payload.get("tools") or []), has_server_tools=bool(server))
-        toolset, choice, servers = self._toolset(
-            payload, request, server or [], denied or set(), approval.tool if approval else None
-        )
+        hidden = approval.tool if approval else None
+        toolset, choice, servers = self._toolset(payload, request, server or [], denied or set(), hidden)
+        index: ToolIndex | None = None
+        if self.max_stubs and len(toolset.tools) > self.max_stubs:
+            # too many to show: the prompt shows the relevant ones, search_tools finds the rest
+            index = self._index(toolset)
+            toolset, choice, servers = self._toolset(
+                payload, request, [*(server or []), ToolSearch(index)], denied or set(), hidden
+            )
         session_id = (
             self._session_of(messages)
             or (session.session_id if session else None)
@@ -298,6 +317,7 @@ class ActionLoop:
                 grammar=self._grammar(entry, toolset, choice, parallel),
                 library=[f for f in library or [] if toolset.by_py(f.name) is None],
                 approval=approval,
+                index=index,
             )
             if step.grammar is not None:  # built (and cached) by _grammar just now
                 step.grammar_lark = self._grammars[(toolset.digest, choice, parallel)][0]
@@ -342,6 +362,7 @@ class ActionLoop:
         extra: list[Message] = []  # turns of this request the client does not see
         for _ in range(step.entry.max_steps):
             events = await self.store.events(sid)
+            stubs = self._shown(step, events)
             made = {f.name: f for f in step.library} | made_functions(
                 completed_programs(events), reserved=[t.py for t in step.toolset.tools]
             )
@@ -351,6 +372,7 @@ class ActionLoop:
                 step.choice,
                 step.parallel,
                 list(made.values()),
+                stubs,
             )
             reply = Reply(prompt=prompt)
             seq = next_seq(events)
@@ -452,6 +474,28 @@ class ActionLoop:
             ]
         yield TextDelta(("\n\n" if step.shown_text else "") + OUT_OF_STEPS)
         yield Finished("length", step.usage)
+
+    def _shown(self, step: Step, events: list[LogEvent]) -> Toolset | None:
+        """The stubs the prompt shows when the toolset is too large (None: all of them): the
+        ones most relevant to the conversation's latest words, with search_tools, the tool
+        tool_choice names, and every tool used earlier in the conversation or the session."""
+        if step.index is None:
+            return None
+        used = {str(e.get("tool")) for e in events if e.get("kind") in ("call", "static_call")}
+        used |= {
+            str((c.get("function") or {}).get("name"))
+            for m in step.messages
+            if m.get("role") == "assistant"
+            for c in m.get("tool_calls") or []
+        }
+        if step.choice.startswith("function:"):
+            used.add(step.choice.split(":", 1)[1])
+        latest = [m for m in step.messages if m.get("role") in ("user", "tool")][-3:]
+        query = " ".join(content_text(m.get("content")) for m in latest)
+        chosen = {t.name for t in step.index.shown(query, self.max_stubs - 1, used).tools} | {SEARCH_TOOLS}
+        return Toolset(
+            tools=tuple(t for t in step.toolset.tools if t.name in chosen), digest=step.toolset.digest
+        )
 
     async def _ask_for_program(
         self, step: Step, record: LogEvent, program: Any, reply: Reply, seq: int, turn: int

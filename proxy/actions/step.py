@@ -19,6 +19,7 @@ from proxy.schemas import ChatCompletionRequest
 from proxy.toolsets import ServerToolset
 from proxy.tracing import Span
 from translators import MadeFunction, Toolset
+from translators.affordance import ToolIndex
 
 __all__ = ["Step", "ToolCallOut"]
 
@@ -50,6 +51,7 @@ class Step:
     grammar_lark: str | None = None  # the same grammar as Lark: what a reply is checked against
     library: list[MadeFunction] = field(default_factory=list)  # promoted functions of the route
     approval: Approval | None = None  # what the client must approve first (None: nothing)
+    index: ToolIndex | None = None  # too many tools to show: ranks them for the prompt
     usage: Usage = field(default_factory=Usage)
     sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
     shown_text: str = ""  # text of this response so far
