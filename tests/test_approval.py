@@ -265,3 +265,39 @@ def test_approval_on_the_messages_api(proxy: UvicornThread, upstream: ScriptedUp
     assert final.content[0].text == "Noted."  # type: ignore[union-attr]
     assert upstream.received[-1].json["messages"][-1]["content"].startswith("Observation:\nran 1")
     client.close()
+
+
+def test_approval_through_the_agents_sdk(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
+    """The Agents SDK's Runner answers approve_action like any function tool (here, a policy
+    that approves programs that do not import os), on the Responses API."""
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    decisions: list[str] = []
+
+    @function_tool
+    def approve_action(kind: str, source: str, calls: list[str], reason: str) -> str:
+        """Ask the user to approve an action."""
+        decisions.append("yes" if "import os" not in source else "no: no os access")
+        return decisions[-1]
+
+    async def run(first: str) -> str:
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url + "/v1", api_key="sk-alice-123456", max_retries=0
+        ) as c:
+            agent = Agent(
+                name="careful",
+                tools=[approve_action],
+                model=OpenAIResponsesModel(model="guarded", openai_client=c),
+            )
+            upstream.plan(program(first), program("Finished."))
+            return str((await Runner.run(agent, "Do it (agents).")).final_output)
+
+    assert asyncio.run(run(RUNS)) == "Finished."
+    assert upstream.received[-1].json["messages"][-1]["content"].startswith("Observation:\nran ")
+    assert asyncio.run(run("```python\nimport os\nprint(os.getcwd())\n```")) == "Finished."
+    assert (
+        "Not run: the user denied this program (no: no os access)"
+        in upstream.received[-1].json["messages"][-1]["content"]
+    )
+    assert decisions == ["yes", "no: no os access"]
