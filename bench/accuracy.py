@@ -112,14 +112,21 @@ def _as_bfcl(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
 
 
 def through_proxy(client: Any, model: str, entry: dict[str, Any]) -> tuple[list[Any], int]:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=_messages(entry),
-        tools=_tools(entry),
-        tool_choice="auto",
-        temperature=0,
-        max_tokens=512,
-    )
+    import openai
+
+    try:
+        reply = client.chat.completions.create(
+            model=model,
+            messages=_messages(entry),
+            tools=_tools(entry),
+            tool_choice="auto",
+            temperature=0,
+            max_tokens=512,
+        )
+    except openai.BadRequestError as exc:  # over the model's context: no answer, counted as wrong
+        if "context" not in str(exc):
+            raise
+        return [], 0
     calls = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls or []]
     return _as_bfcl(calls), reply.usage.total_tokens if reply.usage else 0
 

@@ -345,3 +345,28 @@ def test_a_client_dropping_while_its_program_runs_stops_the_program(
     )
     assert done.choices[0].message.content == "Done."
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\nafter False"
+
+
+def test_an_upstream_that_refuses_stream_options_is_streamed_without_them(
+    make_proxy: ProxyFactory, upstream_url: str, upstream: ScriptedUpstream
+) -> None:
+    """Some OpenAI-compatible servers reject stream_options: the generation is sent again
+    without them (once per route: the next ones go without), and the answer comes through."""
+    from tests.upstream import Reply
+
+    server = make_proxy(config(upstream_url))
+    refusal = {
+        "error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+        }
+    }
+    upstream.plan(Reply(status=400, json=refusal), program("Hello."), program("Again."))
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        for expected in ("Hello.", "Again."):
+            result = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], tools=WEATHER
+            )
+            assert result.choices[0].message.content == expected
+    sent = [r.json for r in upstream.received[-3:]]
+    assert "stream_options" in sent[0] and "stream_options" not in sent[1] and "stream_options" not in sent[2]

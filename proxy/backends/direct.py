@@ -8,6 +8,7 @@ concurrency its connection pool costs a fraction of httpx's (see bench/overhead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,10 +18,18 @@ import orjson
 from proxy.backends.base import Generation, GenerationRequest, ModelBackend, SSEStream, error_from_upstream
 from proxy.backends.sse import ChatStreamParser, completion_text
 from proxy.config import ModelEntry
-from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.schemas import ChatCompletionRequest
 
 __all__ = ["DirectBackend", "HttpPool"]
+
+log = logging.getLogger("cablectl.backends")
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 CONNECT_TIMEOUT = 10.0
@@ -133,6 +142,7 @@ class DirectBackend(ModelBackend):
             headers["authorization"] = f"Bearer {params.api_key}"
         headers.update(params.extra_headers or {})
         self._headers = headers
+        self._usage_option = True  # stream_options.include_usage, until the upstream refuses it
         total = params.timeout or timeout
         connect = min(CONNECT_TIMEOUT, total)
         self._timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
@@ -214,7 +224,19 @@ class DirectBackend(ModelBackend):
     async def generate(self, job: GenerationRequest) -> Generation:
         body = job.chat_body()
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if self._usage_option:
+            body["stream_options"] = {"include_usage": True}
+            try:
+                return _DirectGeneration(await self._start(self._body(body)), self.name)
+            except UpstreamRejected as exc:
+                if "stream_options" not in exc.message:
+                    raise
+                # a server that does not take stream_options: stream without it (no usage)
+                log.warning(
+                    "upstream of %s refuses stream_options (%s); not sending it again", self.name, exc
+                )
+                self._usage_option = False
+                del body["stream_options"]
         return _DirectGeneration(await self._start(self._body(body)), self.name)
 
     async def _start(self, data: bytes, url: str | None = None) -> aiohttp.ClientResponse:
