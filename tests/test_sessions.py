@@ -95,6 +95,20 @@ async def test_lock_excludes_and_expires(store: SessionStore) -> None:
         pass
 
 
+async def test_a_lock_is_kept_while_its_holder_works(store: SessionStore) -> None:
+    """A request that holds the lock longer than lock_ttl (a stream a slow client reads) keeps
+    it: it is refreshed while held, and free at once when let go."""
+    sid = new_session_id()
+    store.lock_ttl = 0.3
+    async with store.lock(sid):
+        await asyncio.sleep(1.0)  # over three times lock_ttl
+        with pytest.raises(SessionBusy):
+            async with store.lock(sid, wait=0.1):
+                pass
+    async with store.lock(sid, wait=0.1):
+        pass
+
+
 async def test_values_are_kept_replaced_expired_and_deleted(store: SessionStore) -> None:
     key = f"response:{new_session_id()}"
     assert await store.get_value(key) is None

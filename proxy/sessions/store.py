@@ -90,6 +90,10 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def _unlock(self, session_id: str, token: str) -> None: ...
 
+    @abc.abstractmethod
+    async def _extend(self, session_id: str, token: str) -> bool:
+        """Push the lock's expiry ``lock_ttl`` ahead while ``token`` still holds it."""
+
     async def shared_secret(self, candidate: bytes) -> bytes:
         """The secret every replica on this store signs tool-call ids with: ``candidate`` if
         none was agreed yet (set if absent), else the one stored first."""
@@ -145,10 +149,23 @@ class SessionStore(abc.ABC):
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+        # held as long as the request works (a stream a slow client reads can outlast lock_ttl):
+        # refreshed every third of it; a holder that dies stops refreshing and the lock expires
+        keeper = asyncio.create_task(self._keep(session_id, token))
         try:
             yield
         finally:
+            keeper.cancel()
             await asyncio.shield(self._unlock(session_id, token))
+
+    async def _keep(self, session_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                if not await self._extend(session_id, token):
+                    return
+            except CablectlError:  # the store is unreachable now; try again next time
+                continue
 
 
 class InMemorySessionStore(SessionStore):
@@ -256,6 +273,13 @@ class InMemorySessionStore(SessionStore):
         if held is not None and held[1] == token:
             del self._locks[session_id]
 
+    async def _extend(self, session_id: str, token: str) -> bool:
+        held = self._locks.get(session_id)
+        if held is None or held[1] != token:
+            return False
+        self._locks[session_id] = (time.monotonic() + self.lock_ttl, token)
+        return True
+
 
 # Delete the lock only if we still hold it (it may have expired and been taken by another).
 _UNLOCK = """
@@ -287,6 +311,7 @@ class RedisSessionStore(SessionStore):
         self._value_prefix = value_prefix
         self._unlock_script = self._redis.register_script(_UNLOCK)
         self._claim_script = self._redis.register_script(_CLAIM)
+        self._extend_script = self._redis.register_script(_EXTEND)
 
     def _log(self, session_id: str) -> str:
         return f"{self._prefix}{session_id}:log"
@@ -350,6 +375,12 @@ class RedisSessionStore(SessionStore):
     async def _unlock(self, session_id: str, token: str) -> None:
         await self._call(self._unlock_script(keys=[self._lock_key(session_id)], args=[token]))
 
+    async def _extend(self, session_id: str, token: str) -> bool:
+        ttl = int(self.lock_ttl * 1000)
+        return bool(
+            await self._call(self._extend_script(keys=[self._lock_key(session_id)], args=[token, ttl]))
+        )
+
     def _digest_key(self, digest: str) -> str:
         return f"{self._prefix}digest:{digest}"
 
@@ -401,6 +432,14 @@ class RedisSessionStore(SessionStore):
     async def aclose(self) -> None:
         await self._redis.aclose()
 
+
+# Push the lock's expiry ahead only if we still hold it.
+_EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 # A digest's owner: set if absent; another session's claim makes it ambiguous (for good).
 _CLAIM = """
