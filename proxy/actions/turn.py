@@ -147,19 +147,21 @@ class ModelTurn:
         self._parsers: dict[str, Lark] = {}
         self._warned: set[str] = set()  # routes whose server was seen ignoring the grammar
 
-    def _check_grammar(self, step: Step, generation: Generation, text: str) -> None:
+    async def _check_grammar(self, step: Step, generation: Generation, text: str) -> None:
         """A server sent a grammar must keep to it; one that does not failed open (llama.cpp
         drops a grammar it cannot parse and answers 200). Logged once per route, counted; the
         reply is then judged like any unconstrained one."""
         if step.grammar_lark is None or generation.grammar_enforced:
             return
+        # building and running a parser takes milliseconds: off the event loop
         parser = self._parsers.get(step.grammar_lark)
         if parser is None:
-            parser = self._parsers[step.grammar_lark] = parser_for(step.grammar_lark)
+            parser = await anyio.to_thread.run_sync(parser_for, step.grammar_lark)
+            self._parsers[step.grammar_lark] = parser
             if len(self._parsers) > 64:
                 self._parsers.pop(next(iter(self._parsers)))
         try:
-            parser.parse(text)
+            await anyio.to_thread.run_sync(parser.parse, text)
             return
         except LarkError:
             pass
@@ -229,7 +231,7 @@ class ModelTurn:
                 reply.usage[key] = reply.usage.get(key, 0) + value
             reply.text = reader.text
             reply.pipelined = list(step.sent)
-            self._check_grammar(step, generation, reply.text)
+            await self._check_grammar(step, generation, reply.text)
             if step.choice == "none":
                 return
             try:
