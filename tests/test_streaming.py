@@ -370,3 +370,29 @@ def test_an_upstream_that_refuses_stream_options_is_streamed_without_them(
             assert result.choices[0].message.content == expected
     sent = [r.json for r in upstream.received[-3:]]
     assert "stream_options" in sent[0] and "stream_options" not in sent[1] and "stream_options" not in sent[2]
+
+
+def test_a_retry_after_a_broken_stream_never_reuses_a_call_id(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    """A call streamed out before the upstream broke off keeps its number: the retried request's
+    calls get new ids, so a client never sees one id for two different calls."""
+    pieces = ["```python\n", "get_weather(city='Paris')\n", "get_weather(", "city=", "'Rome'", ")\n"]
+    pieces += ["# " + "x" * 20 + "\n"] * 12 + ["```"]
+    upstream.plan(Stream(text_stream("scripted", pieces), truncate=True))
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Weather twice (retry)?"}],
+        "tools": WEATHER,
+        "extra_headers": {"x-cablectl-session": "retry-ids"},  # the retry continues the session
+    }
+    first_ids = []
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(model="gpt-4o-mini", stream=True, **body):
+            for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                if call.id:
+                    first_ids.append(call.id)
+    assert first_ids  # Paris went out before the break
+    upstream.plan(program("```python\nget_weather(city='Oslo')\nget_weather(city='Lima')\n```"))
+    again = client.chat.completions.create(model="gpt-4o-mini", **body)
+    second_ids = [c.id for c in again.choices[0].message.tool_calls or []]
+    assert len(second_ids) == 2 and not set(first_ids) & set(second_ids)

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 
 from proxy.actions.approval import Approval
@@ -376,8 +377,24 @@ class ActionLoop:
             )
             reply = Reply(prompt=prompt)
             seq = next_seq(events)
-            async for event in self.turns.run(step, reply, seq):
-                yield event
+            sent_before = len(step.sent)
+            try:
+                async for event in self.turns.run(step, reply, seq):
+                    yield event
+            except BaseException:
+                # calls that went out before the turn failed keep their numbers: a retry of this
+                # request gets new ids, never one a client already saw for another call
+                void = step.sent[sent_before:]
+                if void:
+                    with anyio.CancelScope(shield=True):
+                        await self.store.append(
+                            sid,
+                            *(
+                                {"kind": "void_call", "call_id": c.id, "seq": seq + i}
+                                for i, c in enumerate(void)
+                            ),
+                        )
+                raise
             turn = sum(1 for e in events if e.get("kind") == "turn") + 1
             record: LogEvent = {
                 "kind": "turn",

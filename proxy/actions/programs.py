@@ -49,7 +49,8 @@ LogEvent = dict[str, Any]
 def next_seq(events: list[LogEvent]) -> int:
     """The sequence number of the session's next tool call."""
     return 1 + max(
-        (int(e.get("seq", 0)) for e in events if e.get("kind") in ("call", "static_call")), default=0
+        (int(e.get("seq", 0)) for e in events if e.get("kind") in ("call", "static_call", "void_call")),
+        default=0,
     )
 
 
