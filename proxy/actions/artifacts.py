@@ -17,6 +17,7 @@ mentions them.
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import logging
@@ -38,7 +39,7 @@ _MARK = "__cablectl_artifacts__"
 # Runs in the kernel. ``seen`` (name -> (size, mtime_ns)) lives in the kernel under a name a
 # program has no reason to touch; a program that does only confuses its own session.
 _SNAPSHOT = """
-def __cablectl_snapshot(budget, record=True):
+def __cablectl_snapshot(budget, record=True, emit=True):
     import base64 as b64, hashlib, json, os, stat
     g = globals()
     seen = g.setdefault("__cablectl_seen", {})
@@ -79,8 +80,18 @@ def __cablectl_snapshot(budget, record=True):
     if record:
         out += [{"name": p, "deleted": True} for p in seen if p not in now]
     g["__cablectl_seen"] = now
-    print("MARK" + json.dumps(out))
+    text = json.dumps(out)
+    if emit:
+        print("MARK" + text)
+    return text
 """.replace("MARK", _MARK)
+
+# the snapshot function is defined once per kernel (again only if a program removed it)
+_DEFINED = f"""try:
+    __cablectl_snapshot
+except NameError:
+    exec({_SNAPSHOT!r})
+"""
 
 _RESTORE = """
 def __cablectl_restore(files):
@@ -92,6 +103,21 @@ def __cablectl_restore(files):
         with open(name, "wb") as fh:
             fh.write(b64.b64decode(data))
 """
+
+
+_EXPRESSION = "cablectl_artifacts"
+
+
+def _from_expression(evaluated: Any) -> list[dict[str, Any]] | None:
+    """The snapshot's entries from a user_expressions result (the repr of its JSON text)."""
+    if not isinstance(evaluated, dict) or evaluated.get("status") != "ok":
+        return None
+    try:
+        text = ast.literal_eval(str((evaluated.get("data") or {}).get("text/plain", "")))
+        value = orjson.loads(text)
+    except (ValueError, SyntaxError, orjson.JSONDecodeError):
+        return None
+    return value if isinstance(value, list) else None
 
 
 def _safe_name(name: str) -> bool:
@@ -152,13 +178,31 @@ class Artifacts:
     store: SessionStore
     max_bytes: int  # per session, the bytes of the latest versions kept
 
-    async def record(self, session_id: str, turn: int, kernel: PooledKernel) -> list[Event]:
-        """Ask the kernel what the program changed; keep it. Returns the recorded events."""
+    definition = _SNAPSHOT  # installed with the tool stubs in every kernel
+
+    async def budget(self, session_id: str) -> int:
+        """How many bytes of files the session may still keep."""
+        kept = latest_artifacts(await self.store.events(session_id))
+        return max(0, self.max_bytes - sum(int(e["size"]) for e in kept.values() if e.get("stored")))
+
+    @staticmethod
+    def expressions(budget: int) -> dict[str, str]:
+        """For the program's own execute request: the snapshot taken right after it, in the same
+        round trip (``user_expressions``; IPython evaluates them when the cell did not raise)."""
+        return {_EXPRESSION: f"__cablectl_snapshot({budget}, emit=False)"}
+
+    async def record(
+        self, session_id: str, turn: int, kernel: PooledKernel, evaluated: dict[str, Any] | None = None
+    ) -> list[Event]:
+        """What the program changed (from ``evaluated``, its execute reply's expressions, or else
+        a cell of its own); kept. Returns the recorded events."""
         events = await self.store.events(session_id)
         kept = latest_artifacts(events)
         used = sum(int(e["size"]) for e in kept.values() if e.get("stored"))
         budget = max(0, self.max_bytes - used)
-        entries = await self._run(kernel, f"__cablectl_snapshot({budget})", budget)
+        entries = _from_expression((evaluated or {}).get(_EXPRESSION))
+        if entries is None:
+            entries = await self._run(kernel, f"__cablectl_snapshot({budget})", budget)
         if entries is None:
             return []
         recorded: list[Event] = []
@@ -198,7 +242,7 @@ class Artifacts:
 
     async def _run(self, kernel: PooledKernel, call: str, budget: int) -> list[dict[str, Any]] | None:
         limits = ExecLimits(timeout=60.0, max_output_chars=budget * 2 + 1_000_000)
-        state = await kernel.execute(_SNAPSHOT + "\n" + call, limits)
+        state = await kernel.execute(_DEFINED + call, limits)
         if not isinstance(state, Finished) or state.output.error is not None:
             log.warning("could not list the files of kernel %s: %s", kernel.kernel_id, state)
             return None

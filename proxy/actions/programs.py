@@ -90,8 +90,10 @@ class KernelDriver:
             await self.runtime.abandon(sid)
         await self._define_library(step, live, turn)
         live.turn_calls = 0
+        artifacts = self.runtime.artifacts
+        expressions = artifacts.expressions(await artifacts.budget(sid)) if artifacts is not None else None
         try:
-            state = await self._guarded(live.kernel.execute(source), sid)
+            state = await self._guarded(live.kernel.execute(source, None, expressions), sid)
             async for event in self.settle(step, turn, state, out, action):
                 yield event
         except BaseException:
@@ -241,7 +243,7 @@ class KernelDriver:
         output = state.output
         live = self.runtime.live.get(sid)
         if self.runtime.artifacts is not None and live is not None:
-            out.files = await self.runtime.artifacts.record(sid, turn, live.kernel)
+            out.files = await self.runtime.artifacts.record(sid, turn, live.kernel, output.expressions)
         files = summary(out.files)
         await self.store.append(
             sid,

@@ -129,7 +129,10 @@ class Runtime:
             await self.release(victim.session_id)
 
     async def _install(self, kernel: PooledKernel, toolset: Toolset) -> None:
-        result = await kernel.execute(render_kernel_stubs(toolset))
+        cell = render_kernel_stubs(toolset)
+        if self.artifacts is not None:  # the file snapshot, in the same cell
+            cell += "\n" + self.artifacts.definition
+        result = await kernel.execute(cell)
         if not isinstance(result, Finished) or result.output.error is not None:
             raise KernelDied("installing the tool stubs failed")
 

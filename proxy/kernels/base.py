@@ -54,6 +54,9 @@ class CellOutput:
     truncated: bool = False
     tool_calls: int = 0
     duration_ms: float = 0.0
+    # what the execute request's user_expressions evaluated to after the cell, by name:
+    # {"status": "ok", "data": {"text/plain": ...}} or an error (a cell that raised: none)
+    expressions: dict[str, Any] = field(default_factory=dict)
 
     def text(self) -> str:
         """Everything a model should see of the cell, as one observation."""
@@ -96,8 +99,10 @@ class KernelConnection(abc.ABC):
             return None
 
     @abc.abstractmethod
-    async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
-        """Send an execute request; returns its msg_id."""
+    async def execute(
+        self, code: str, *, allow_stdin: bool = True, user_expressions: dict[str, str] | None = None
+    ) -> str:
+        """Send an execute request (with expressions to evaluate after it); returns its msg_id."""
 
     @abc.abstractmethod
     async def input_reply(self, value: str, parent: Message) -> None:

@@ -68,10 +68,10 @@ class CellRun:
     def waiting(self) -> bool:
         return self._pending is not None
 
-    async def start(self, code: str) -> Pending | Finished:
+    async def start(self, code: str, expressions: dict[str, str] | None = None) -> Pending | Finished:
         if self.msg_id is not None:
             raise RuntimeError("a CellRun runs one cell")
-        self.msg_id = await self.kernel.execute(code, allow_stdin=True)
+        self.msg_id = await self.kernel.execute(code, allow_stdin=True, user_expressions=expressions)
         return await self._advance()
 
     async def reply(self, result: Any = None, *, error: str | None = None) -> Pending | Finished:
@@ -166,6 +166,9 @@ class CellRun:
                     self._on_iopub(msg)
                 elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
                     self._replied = True
+                    evaluated = (msg.get("content") or {}).get("user_expressions")
+                    if isinstance(evaluated, dict):
+                        self.output.expressions = evaluated
                 elif channel == "stdin":
                     pending = self._on_stdin(msg)
                     if pending is not None:

@@ -70,7 +70,9 @@ class GatewayKernel(KernelConnection):
             "buffers": [],
         }
 
-    async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
+    async def execute(
+        self, code: str, *, allow_stdin: bool = True, user_expressions: dict[str, str] | None = None
+    ) -> str:
         msg = self._message(
             "shell",
             "execute_request",
@@ -78,7 +80,7 @@ class GatewayKernel(KernelConnection):
                 "code": code,
                 "silent": False,
                 "store_history": False,
-                "user_expressions": {},
+                "user_expressions": user_expressions or {},
                 "allow_stdin": allow_stdin,
                 "stop_on_error": True,
             },

@@ -133,9 +133,17 @@ class LocalKernel(KernelConnection):
             msg["channel"] = channel
             self.inbox.put_nowait(msg)
 
-    async def execute(self, code: str, *, allow_stdin: bool = True) -> str:
+    async def execute(
+        self, code: str, *, allow_stdin: bool = True, user_expressions: dict[str, str] | None = None
+    ) -> str:
         return str(
-            self.client.execute(code, store_history=False, allow_stdin=allow_stdin, stop_on_error=True)
+            self.client.execute(
+                code,
+                store_history=False,
+                allow_stdin=allow_stdin,
+                stop_on_error=True,
+                user_expressions=user_expressions or {},
+            )
         )
 
     async def input_reply(self, value: str, parent: Message) -> None:

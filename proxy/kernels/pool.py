@@ -61,13 +61,16 @@ class PooledKernel:
     def kernel_id(self) -> str:
         return self.connection.kernel_id
 
-    async def execute(self, code: str, limits: ExecLimits | None = None) -> Pending | Finished:
-        """Run a cell; ``Pending`` if it stopped in a tool call (answer with ``reply``)."""
+    async def execute(
+        self, code: str, limits: ExecLimits | None = None, expressions: dict[str, str] | None = None
+    ) -> Pending | Finished:
+        """Run a cell; ``Pending`` if it stopped in a tool call (answer with ``reply``).
+        ``expressions`` are evaluated after it (``CellOutput.expressions``)."""
         async with self._lock:
             if self.run is not None and self.run.waiting:
                 raise RuntimeError("the previous cell is still waiting for a tool result")
             self.run = CellRun(self.connection, limits or self.pool.limits)
-            return await self._guard(self.run.start(code))
+            return await self._guard(self.run.start(code, expressions))
 
     async def reply(self, result: object = None, *, error: str | None = None) -> Pending | Finished:
         async with self._lock:
