@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy import __version__
 from proxy.accesslog import AccessLogMiddleware, RequestRecord
 from proxy.actions.artifacts import Artifacts
+from proxy.actions.events import Event
 from proxy.actions.loop import ActionLoop
 from proxy.actions.respond import chat_body, chat_chunks, collect
 from proxy.actions.runtime import Runtime
@@ -34,15 +35,22 @@ from proxy.auth import KeyRing, Principal
 from proxy.backends.base import SSEStream
 from proxy.config import Settings
 from proxy.endpoints import (
-    SSE_HEADERS,
     add_session_routes,
     add_surface_routes,
     is_messages_path,
     messages_error_response,
     request_body_openapi,
 )
-from proxy.errors import CablectlError, ConfigError, InvalidRequest, PermissionDenied, RequestTooLarge
-from proxy.front import Front, guarded_sse, timed
+from proxy.errors import (
+    CablectlError,
+    ConfigError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PermissionDenied,
+    RequestTooLarge,
+    UnknownURL,
+)
+from proxy.front import SSE_HEADERS, Front, guarded_sse, respond, timed
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
 from proxy.kernels.local import LocalKernelProvider, ResourceLimits, can_isolate_network
@@ -337,29 +345,12 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if is_messages_path(request.url.path):
-            status = exc.status_code
-            message = (
-                f"{request.method} {request.url.path} is not part of this API."
-                if status in (404, 405)
-                else str(exc.detail)
-            )
-            error = InvalidRequest(message, code="unknown_url")
-            error.status = status  # type: ignore[misc]
-            return messages_error_response(error)
+        where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            return _openai_error(
-                404,
-                f"Unknown request URL: {request.method} {request.url.path}.",
-                "invalid_request_error",
-                "unknown_url",
-            )
+            return await _cablectl_error(request, UnknownURL(f"Unknown request URL: {where}."))
         if exc.status_code == 405:
-            return _openai_error(
-                405,
-                f"Method {request.method} is not allowed on {request.url.path}.",
-                "invalid_request_error",
-                "method_not_allowed",
+            return await _cablectl_error(
+                request, MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
             )
         return _openai_error(exc.status_code, str(exc.detail), "invalid_request_error", None)
 
@@ -367,13 +358,8 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # the one boundary where anything is caught: log it whole, answer without a traceback
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        if is_messages_path(request.url.path):
-            return messages_error_response(
-                CablectlError("The proxy hit an internal error; it has been logged.")
-            )
-        return _openai_error(
-            500, "The proxy hit an internal error; it has been logged.", "server_error", "internal_error"
-        )
+        error = CablectlError("The proxy hit an internal error; it has been logged.", code="internal_error")
+        return messages_error_response(error) if is_messages_path(request.url.path) else error_response(error)
 
     def principal_for(request: Request) -> Principal:
         principal = keyring.authenticate(request.headers, request.client.host if request.client else "-")
@@ -438,19 +424,17 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
             )
         if front.loop_entry(chat) is not None:
             answer = await front.answer(request, principal, record, payload, chat, "chat.completions")
-            if not chat.stream:
-                try:
-                    result = await collect(answer.events)
-                finally:
-                    await answer.close()
-                return Response(
-                    chat_body(result, chat.model), media_type="application/json", headers=answer.headers
-                )
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(
-                guarded_sse(chat_chunks(answer.events, chat.model, include_usage), record, answer.close),
-                media_type="text/event-stream",
-                headers={**SSE_HEADERS, **answer.headers},
+
+            async def whole(events: AsyncIterator[Event]) -> bytes:
+                return chat_body(await collect(events), chat.model)
+
+            return await respond(
+                answer,
+                record,
+                bool(chat.stream),
+                whole,
+                lambda events: chat_chunks(events, chat.model, include_usage),
             )
         span = tracer.start(
             "chat.completions", input=payload.get("messages"), metadata={"stream": bool(chat.stream)}

@@ -30,11 +30,10 @@ from proxy.accesslog import RequestRecord
 from proxy.actions.artifacts import Artifacts, latest_artifacts
 from proxy.auth import Principal
 from proxy.config import ModelEntry
-from proxy.errors import CablectlError, InvalidRequest
-from proxy.front import Front, guarded_sse, timed
+from proxy.errors import ArtifactNotFound, CablectlError, ResponseNotFound, SessionNotFound
+from proxy.front import SSE_HEADERS, Front, guarded_sse, respond, timed
 from proxy.sessions import SessionStore
 from proxy.surfaces import (
-    ResponseNotFound,
     ResponseStore,
     messages_error,
     messages_error_event,
@@ -51,17 +50,12 @@ from proxy.surfaces.messages import CountTokensRequest, MessagesRequest
 from proxy.surfaces.responses import ResponsesRequest
 
 __all__ = [
-    "SSE_HEADERS",
-    "ArtifactNotFound",
-    "SessionNotFound",
     "add_session_routes",
     "add_surface_routes",
     "is_messages_path",
     "messages_error_response",
     "request_body_openapi",
 ]
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 ReadBody = Callable[[Request], Awaitable[bytes]]
 Authenticate = Callable[[Request], Principal]
@@ -151,16 +145,12 @@ def add_surface_routes(
             request, principal, record, call.payload, call.chat, "responses", continues=call.continues
         )
         store = responses if call.request.store else None
-        if not call.request.stream:
-            try:
-                body = await render_responses_json(answer.events, call, store)
-            finally:
-                await answer.close()
-            return Response(body, media_type="application/json", headers=answer.headers)
-        return StreamingResponse(
-            guarded_sse(render_responses_sse(answer.events, call, store), record, answer.close),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **answer.headers},
+        return await respond(
+            answer,
+            record,
+            call.request.stream,
+            lambda events: render_responses_json(events, call, store),
+            lambda events: render_responses_sse(events, call, store),
         )
 
     async def get_response(response_id: str, request: Request) -> Response:
@@ -186,16 +176,13 @@ def add_surface_routes(
         raw = await read_body(request)
         call = parse_messages_request(raw)
         answer = await front.answer(request, principal, record, call.payload, call.chat, "messages")
-        if not call.stream:
-            try:
-                body = await render_messages_json(answer.events, call)
-            finally:
-                await answer.close()
-            return Response(body, media_type="application/json", headers=answer.headers)
-        return StreamingResponse(
-            guarded_sse(render_messages_sse(answer.events, call), record, answer.close, messages_error_event),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **answer.headers},
+        return await respond(
+            answer,
+            record,
+            call.stream,
+            lambda events: render_messages_json(events, call),
+            lambda events: render_messages_sse(events, call),
+            messages_error_event,
         )
 
     async def count_message_tokens(request: Request) -> Response:
@@ -223,18 +210,6 @@ def add_surface_routes(
             path, endpoint, methods=methods, tags=[tag], openapi_extra=extra, response_model=None
         )
     return defs | messages_defs | count_defs
-
-
-class SessionNotFound(InvalidRequest):
-    """No session with that id for this API key (never made, expired, or another key's)."""
-
-    status = 404
-    code = "session_not_found"
-
-
-class ArtifactNotFound(InvalidRequest):
-    status = 404
-    code = "artifact_not_found"
 
 
 def add_session_routes(

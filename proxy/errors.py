@@ -8,7 +8,13 @@ body ``{"error": {"message", "type", "param", "code"}}``.
     CablectlError                      500 server_error
     ├── ConfigError                    (startup only: a bad config.yaml or flag)
     ├── InvalidRequest                 400 invalid_request_error
-    │   └── UpstreamRejected           4xx the upstream refused the request itself
+    │   ├── UpstreamRejected           4xx the upstream refused the request itself
+    │   ├── MethodNotAllowed           405 invalid_request_error / method_not_allowed
+    │   └── NotFound                   404 invalid_request_error / not_found
+    │       ├── UnknownURL             404 ... / unknown_url
+    │       ├── ResponseNotFound       404 ... / response_not_found (a stored response)
+    │       ├── SessionNotFound        404 ... / session_not_found (this key's)
+    │       └── ArtifactNotFound       404 ... / artifact_not_found
     ├── AuthenticationFailed           401 authentication_error / invalid_api_key
     ├── AuthRateLimited                429 rate_limit_error / too_many_auth_failures (Retry-After)
     ├── PermissionDenied               403 permission_error / model_not_allowed
@@ -30,16 +36,22 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ArtifactNotFound",
     "AuthRateLimited",
     "AuthenticationFailed",
     "CablectlError",
     "ConfigError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "ModelOutputInvalid",
+    "NotFound",
     "PermissionDenied",
     "RequestTooLarge",
+    "ResponseNotFound",
     "ServiceUnavailable",
+    "SessionNotFound",
+    "UnknownURL",
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamRejected",
@@ -117,6 +129,36 @@ class UpstreamRejected(InvalidRequest):
         if self._type:
             body["error"]["type"] = self._type
         return body
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class UnknownURL(NotFound):
+    code = "unknown_url"
+
+
+class ResponseNotFound(NotFound):
+    """No stored response with that id for this API key (never stored, expired, deleted)."""
+
+    code = "response_not_found"
+
+
+class SessionNotFound(NotFound):
+    """No session with that id for this API key (never made, expired, or another key's)."""
+
+    code = "session_not_found"
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
 
 
 class AuthenticationFailed(CablectlError):

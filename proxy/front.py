@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from proxy.accesslog import RequestRecord
 from proxy.actions.approval import Approval, approval_mode
@@ -42,11 +43,13 @@ from translators import MadeFunction
 __all__ = [
     "SESSION_HEADER",
     "SESSION_ID_HEADER",
+    "SSE_HEADERS",
     "Answer",
     "Front",
     "close_events",
     "guarded_sse",
     "openai_error_event",
+    "respond",
     "session_key",
     "timed",
 ]
@@ -332,3 +335,30 @@ async def guarded_sse(
     finally:
         with anyio.CancelScope(shield=True):
             await cleanup()
+
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def respond(
+    answer: Answer,
+    record: RequestRecord,
+    stream: bool,
+    whole: Callable[[AsyncIterator[Event]], Awaitable[bytes]],
+    chunks: Callable[[AsyncIterator[Event]], AsyncIterator[bytes]],
+    error_event: Callable[[CablectlError], bytes] = openai_error_event,
+) -> Response:
+    """An answer in a surface's wire format: ``whole`` renders the JSON body (a failure is
+    raised, for its HTTP status), ``chunks`` the SSE stream (a failure is ``error_event``).
+    The answer is closed either way."""
+    if not stream:
+        try:
+            body = await whole(answer.events)
+        finally:
+            await answer.close()
+        return Response(body, media_type="application/json", headers=answer.headers)
+    return StreamingResponse(
+        guarded_sse(chunks(answer.events), record, answer.close, error_event),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **answer.headers},
+    )

@@ -94,16 +94,22 @@ def test_top_level_surfaces() -> None:
 
     assert proxy.__all__ == ["__version__"]
     assert set(proxy.errors.__all__) == {
+        "ArtifactNotFound",
         "AuthRateLimited",
         "AuthenticationFailed",
         "CablectlError",
         "ConfigError",
         "InvalidRequest",
+        "MethodNotAllowed",
         "ModelNotFound",
         "ModelOutputInvalid",
+        "NotFound",
         "PermissionDenied",
         "RequestTooLarge",
+        "ResponseNotFound",
         "ServiceUnavailable",
+        "SessionNotFound",
+        "UnknownURL",
         "UpstreamError",
         "UpstreamRateLimited",
         "UpstreamRejected",

@@ -68,35 +68,26 @@ def proxy(make_proxy: ProxyFactory, llama_server: str) -> UvicornThread:
     return make_proxy({"model_list": [route], "kernels": {"min_idle": 0, "max_total": 2}})
 
 
-def ask(client: openai.OpenAI, **kwargs: Any) -> Any:
-    return client.chat.completions.create(
-        model="served",
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=WEATHER,
-        tool_choice="required",
-        temperature=0,
-        max_tokens=96,
-        **kwargs,
-    )
+REQUIRED: dict[str, Any] = {
+    "model": "served",
+    "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "tools": WEATHER,
+    "tool_choice": "required",
+    "temperature": 0,
+    "max_tokens": 96,
+}
 
 
 def test_the_server_keeps_to_the_grammar_and_the_client_gets_calls(proxy: UvicornThread) -> None:
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=180) as client:
-        result = ask(client)
+        result = client.chat.completions.create(**REQUIRED)
         calls = result.choices[0].message.tool_calls or []
         assert result.choices[0].finish_reason == "tool_calls" and calls
         assert {c.function.name for c in calls} == {"get_weather"}
         for call in calls:
             assert isinstance(httpx.Response(200, content=call.function.arguments).json()["city"], str)
 
-        with client.chat.completions.stream(
-            model="served",
-            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=WEATHER,
-            tool_choice="required",
-            temperature=0,
-            max_tokens=96,
-        ) as stream:
+        with client.chat.completions.stream(**REQUIRED) as stream:
             for _ in stream:
                 pass
             final = stream.get_final_completion()

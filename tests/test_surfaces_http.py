@@ -79,6 +79,14 @@ def claude(server: UvicornThread, key: str = ALICE) -> anthropic.Anthropic:
     return _OPEN[-1]  # type: ignore[no-any-return]
 
 
+def answer_tool_use(reply: Any, tool_use_id: str, result: str) -> list[dict[str, Any]]:
+    """The assistant's reply as the client echoes it, then the user's tool_result for one call."""
+    return [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use_id, "content": result}]},
+    ]
+
+
 def calls_of(response: Any) -> list[Any]:
     return [item for item in response.output if item.type == "function_call"]
 
@@ -384,19 +392,7 @@ def test_messages_tool_use_and_tool_result_resume_a_program(
     while reply.stop_reason == "tool_use":
         [use] = [b for b in reply.content if b.type == "tool_use"]
         asked.append(use.input["city"])  # type: ignore[index]
-        messages += [
-            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
-            {
-                "role": "user",
-                "content": [
-                    {
-                        "type": "tool_result",
-                        "tool_use_id": use.id,
-                        "content": json.dumps({"t": TEMPS[asked[-1]]}),
-                    }
-                ],
-            },
-        ]
+        messages += answer_tool_use(reply, use.id, json.dumps({"t": TEMPS[asked[-1]]}))
         if len(asked) == 2:
             upstream.plan(program("Rome is hotter."))
         reply = client.messages.create(
@@ -641,18 +637,6 @@ def test_messages_resume_after_a_proxy_restart(
             break
         [use] = [b for b in reply.content if b.type == "tool_use"]
         asked.append(use.input["city"])  # type: ignore[index]
-        messages += [
-            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
-            {
-                "role": "user",
-                "content": [
-                    {
-                        "type": "tool_result",
-                        "tool_use_id": use.id,
-                        "content": json.dumps({"t": TEMPS[asked[-1]]}),
-                    }
-                ],
-            },
-        ]
+        messages += answer_tool_use(reply, use.id, json.dumps({"t": TEMPS[asked[-1]]}))
     assert asked == ["Paris", "Rome"]
     assert reply.content[0].text == "Rome."  # type: ignore[union-attr]

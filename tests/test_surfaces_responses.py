@@ -30,10 +30,10 @@ from proxy.actions.events import (
     ToolCallStarted,
     Usage,
 )
-from proxy.errors import CablectlError, InvalidRequest, UpstreamError, UpstreamRateLimited
+from proxy.errors import CablectlError, InvalidRequest, ResponseNotFound, UpstreamError, UpstreamRateLimited
 from proxy.sessions import InMemorySessionStore
 from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
-from proxy.surfaces.response_store import ResponseNotFound, ResponseStore
+from proxy.surfaces.response_store import ResponseStore
 from proxy.surfaces.responses import (
     ResponsesCall,
     parse_responses_request,

@@ -180,9 +180,9 @@ class Artifacts:
 
     definition = _SNAPSHOT  # installed with the tool stubs in every kernel
 
-    async def budget(self, session_id: str) -> int:
-        """How many bytes of files the session may still keep."""
-        kept = latest_artifacts(await self.store.events(session_id))
+    def budget(self, events: list[Event]) -> int:
+        """How many bytes of files a session (its log) may still keep."""
+        kept = latest_artifacts(events)
         return max(0, self.max_bytes - sum(int(e["size"]) for e in kept.values() if e.get("stored")))
 
     @staticmethod
@@ -198,8 +198,7 @@ class Artifacts:
         a cell of its own); kept. Returns the recorded events."""
         events = await self.store.events(session_id)
         kept = latest_artifacts(events)
-        used = sum(int(e["size"]) for e in kept.values() if e.get("stored"))
-        budget = max(0, self.max_bytes - used)
+        budget = self.budget(events)
         entries = _from_expression((evaluated or {}).get(_EXPRESSION))
         if entries is None:
             entries = await self._run(kernel, f"__cablectl_snapshot({budget})", budget)

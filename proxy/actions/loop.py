@@ -470,7 +470,7 @@ class ActionLoop:
             yield ActionStarted(program.source)
             settled = Settled()
             with step.span.child("action", input=program.source, metadata={"turn": turn}) as action:
-                async for event in self.programs.run(step, turn, program.source, settled, action):
+                async for event in self.programs.run(step, turn, program.source, settled, action, events):
                     yield event
             if settled.suspended:
                 yield Finished("tool_calls", step.usage)

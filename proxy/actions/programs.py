@@ -78,10 +78,17 @@ class KernelDriver:
             return Finished(CellOutput(error=CellError("KernelDied", str(exc), f"The kernel died: {exc}")))
 
     async def run(
-        self, step: Step, turn: int, source: str, out: Settled, action: Span
+        self,
+        step: Step,
+        turn: int,
+        source: str,
+        out: Settled,
+        action: Span,
+        events: list[LogEvent] | None = None,
     ) -> AsyncIterator[Event]:
         """Run a turn's program in the session's kernel: the one that ran its earlier programs,
-        or a fresh one the log is replayed onto first, so their variables and functions are there."""
+        or a fresh one the log is replayed onto first, so their variables and functions are there.
+        ``events``: the session's log as the caller just read it (else it is read here)."""
         sid = step.session_id
         live = self.runtime.live.get(sid)
         if live is None or live.kernel.retired or not await live.kernel.connection.is_alive():
@@ -91,7 +98,11 @@ class KernelDriver:
         await self._define_library(step, live, turn)
         live.turn_calls = 0
         artifacts = self.runtime.artifacts
-        expressions = artifacts.expressions(await artifacts.budget(sid)) if artifacts is not None else None
+        expressions = None
+        if artifacts is not None:
+            expressions = artifacts.expressions(
+                artifacts.budget(events if events is not None else await self.store.events(sid))
+            )
         try:
             state = await self._guarded(live.kernel.execute(source, None, expressions), sid)
             async for event in self.settle(step, turn, state, out, action):
@@ -351,7 +362,7 @@ class KernelDriver:
         with step.span.child("action", input=source, metadata={"turn": turn, "approved": approved}) as action:
             if waiting["approval"] == "program":
                 if approved:
-                    async for event in self.run(step, turn, source, out, action):
+                    async for event in self.run(step, turn, source, out, action, events):
                         yield event
                     return
                 text = f"Not run: the user denied this program ({reason})."

@@ -16,7 +16,7 @@ from proxy.surfaces.messages import (
     render_messages_json,
     render_messages_sse,
 )
-from proxy.surfaces.response_store import ResponseNotFound, ResponseStore
+from proxy.surfaces.response_store import ResponseStore
 from proxy.surfaces.responses import (
     ResponsesCall,
     parse_responses_request,
@@ -27,7 +27,6 @@ from proxy.surfaces.responses import (
 
 __all__ = [
     "MessagesCall",
-    "ResponseNotFound",
     "ResponseStore",
     "ResponsesCall",
     "events_from_chat_body",

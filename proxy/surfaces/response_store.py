@@ -17,16 +17,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy.errors import InvalidRequest
+from proxy.errors import ResponseNotFound
 
-__all__ = ["KeyValueStore", "ResponseNotFound", "ResponseStore", "StoredResponse"]
-
-
-class ResponseNotFound(InvalidRequest):
-    """No stored response with that id for this API key (never stored, expired, deleted)."""
-
-    status = 404
-    code = "response_not_found"
+__all__ = ["KeyValueStore", "ResponseStore", "StoredResponse"]
 
 
 class KeyValueStore(Protocol):
