@@ -6,6 +6,9 @@ this module adds ``start`` (from ``tool_choice`` and ``parallel_tool_calls``),
 keyword arguments in stub order (required first, each optional one optional)
 with a value rule per parameter type: strings, numbers, bools, lists, typed
 dicts, enums and consts as literals, unions, ``$ref`` (recursion included).
+A typed dict's keys come in schema order (required first); other keys may follow
+unless ``additionalProperties`` is false, as JSON Schema has it and as the value
+checks (``translators.schema.check_value``) accept them.
 
 The result is one grammar text: parse model output with it (Lark), convert it
 for llama.cpp (``translators.gbnf``), or hand it to servers that take Lark.
@@ -196,6 +199,10 @@ class _Builder:
                     )
                     for k in order
                 ]
+                extra = schema.get("additionalProperties", True)
+                if extra is not False:  # JSON Schema's objects are open unless they say otherwise
+                    pair = f'STRING ": " {self.value(extra, refs, depth + 1)}'
+                    items.append((self.bounded(pair, ", ", MAX_ITEMS, at_least=1), False))
                 return self.rule("obj", f'"{{" {self.sequence(items)} "}}"')
             extra = schema.get("additionalProperties")
             if isinstance(extra, dict) and extra:
