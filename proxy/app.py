@@ -50,6 +50,7 @@ from proxy.errors import (
     RequestTooLarge,
     UnknownURL,
 )
+from proxy.forwarding import Forwarder
 from proxy.front import SSE_HEADERS, Front, guarded_sse, respond, timed
 from proxy.kernels import ExecLimits, KernelPool, KernelProvider
 from proxy.kernels.gateway import GatewayKernelProvider
@@ -60,6 +61,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.routing import ModelRouter
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, InMemorySessionStore, RedisSessionStore, SessionStore
+from proxy.sessions.owners import Owners
 from proxy.surfaces import ResponseStore
 from proxy.toolsets import build_toolsets
 from proxy.tracing import TRACE_HEADER, Span, build_tracer
@@ -123,7 +125,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
                 "(server.max_request_body_bytes in config.yaml)"
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    request.state.raw_body = body  # as it came: what a forward to another replica sends on
+    return body
 
 
 def _parse_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
@@ -177,7 +181,7 @@ def _kernel_pool(settings: Settings) -> KernelPool:
         sandbox = require_sandbox(cfg.sandbox)  # refuses to start where it cannot work
         # a sandbox has no network unless the host's is asked for; unsandboxed, a namespace if possible
         network = cfg.network == "host" if sandbox else not _isolate_network(cfg.network)
-        provider = LocalKernelProvider(limits=limits, network=network, sandbox=sandbox)
+        provider = LocalKernelProvider(limits=limits, network=network, sandbox=sandbox, start=cfg.start)
     return KernelPool(
         provider,
         min_idle=min(cfg.min_idle, cfg.max_total),
@@ -237,12 +241,18 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     metrics = Metrics(known_models=router.names())
     tracer = build_tracer(settings.tracing.langfuse)
     artifacts = Artifacts(store, settings.sessions.max_artifact_bytes)
+    replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    address = settings.server.own_url()
+    # replicas on one Redis send a session's requests to the one holding its kernel
+    owners = Owners(store, replica_id, address) if settings.sessions.redis_url else None
+    forwarder = Forwarder(ids.mac, lambda outcome: metrics.forwards.labels(outcome).inc()) if owners else None
     runtime = Runtime(
         pool,
         store,
         on_acquire_wait=metrics.acquire_wait.observe,
-        on_replay=lambda reason: metrics.replays.labels(reason).inc(),
+        on_replay=lambda reason, cause: metrics.replays.labels(reason, cause).inc(),
         artifacts=artifacts,
+        owners=owners,
     )
     metrics.watch(pool.stats, lambda: len(runtime.live))
     loop = ActionLoop(
@@ -250,14 +260,14 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
     )
     routes = {entry.model_name: entry for entry in settings.model_list}
     promoted = frozenset(n for n, c in settings.toolsets.items() if c.promoted)
-    front = Front(router, loop, tracer, routes, toolsets, Library(store), promoted)
+    front = Front(router, loop, tracer, routes, toolsets, Library(store), promoted, forwarder)
     responses = ResponseStore(store, ttl=settings.sessions.ttl_seconds)
-    replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     started_at = time.time()
 
     def replica_snapshot() -> dict[str, Any]:
         return {
             "replica": replica_id,
+            "address": address,
             "started_at": started_at,
             "kernels": pool.snapshot(),
             "sessions": {
@@ -301,6 +311,8 @@ def create_app(settings: Settings, progress: Progress | None = None) -> FastAPI:
                 await toolset.aclose()
             with contextlib.suppress(CablectlError):  # gone at once from `cablectl kernels ls`
                 await store.publish_replica(replica_id, {**replica_snapshot(), "stopping": True}, ttl=0.5)
+            if forwarder is not None:
+                await forwarder.aclose()
             await store.aclose()
             await router.aclose()
             await tracer.aclose()

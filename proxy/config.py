@@ -192,6 +192,22 @@ class ServerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # wrong API keys one client may send per minute before it gets 429 (0: no limit)
     auth_failures_per_minute: int = Field(default=10, ge=0)
+    # where the other replicas reach this one (a session's requests go to the replica holding its
+    # kernel); unset: http://<host>:<port>, with this machine's name for a wildcard host
+    advertise_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")
+
+    def own_url(self) -> str:
+        """``advertise_url``, or the address this replica listens on as others would reach it."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in ("", "0.0.0.0", "::"):
+            import socket
+
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @classmethod
     def settings_customise_sources(
@@ -276,6 +292,9 @@ class KernelSettings(BaseModel):
     # each local kernel in a bubblewrap sandbox of its own: auto = bwrap, and refuse to start
     # where it cannot work; none = no sandbox (kernels then see the host's files and processes)
     sandbox: Literal["auto", "bwrap", "none"] = "auto"
+    # how local kernels start: fork = forked from a fork server that imported ipykernel once
+    # (a fraction of a cold start's CPU), spawn = a new Python process each; auto = fork on Linux
+    start: Literal["auto", "fork", "spawn"] = "auto"
     gateway_url: str | None = None  # Jupyter Enterprise/Kernel Gateway instead of local processes
     gateway_token: str | None = None
 

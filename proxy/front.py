@@ -32,9 +32,11 @@ from proxy.auth import Principal
 from proxy.backends.base import SSEStream
 from proxy.config import ModelEntry
 from proxy.errors import CablectlError, InvalidRequest
+from proxy.forwarding import Forwarder
 from proxy.library import Library
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
+from proxy.sessions.owners import OwnedElsewhere
 from proxy.surfaces.bridge import events_from_chat_body, events_from_chat_sse
 from proxy.toolsets import ServerToolset
 from proxy.tracing import TRACE_HEADER, Span, Tracer
@@ -70,7 +72,13 @@ class Answer:
     headers: dict[str, str]
     source: AsyncIterator[Event]
     session_id: str | None = None
+    response: Response | None = None  # the answer of the replica holding the session, as it is
     _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def forwarded(cls, response: Response) -> Answer:
+        nothing = _chain([], _no_events())
+        return cls(nothing, {}, nothing, response=response)
 
     async def close(self) -> None:
         if not self._closed:
@@ -88,8 +96,10 @@ class Front:
         toolsets: dict[str, ServerToolset],
         library: Library | None = None,
         promoted: frozenset[str] = frozenset(),
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.router = router
+        self.forwarder = forwarder  # replicas: a session's requests go to the one holding it
         self.loop = loop
         self.tracer = tracer
         self.routes = routes
@@ -149,21 +159,37 @@ class Front:
             payload = {k: v for k, v in payload.items() if k != "metadata"} | (
                 {"metadata": rest} if rest else {}
             )
-        source = self.loop.stream(
-            entry,
-            chat,
-            payload,
-            record.clock,
-            offered,
-            denied,
-            session,
-            principal.key_id,
-            continues=continues,
-            surface=surface,
-            library=library,
-            approval=Approval(approval_mode(entry.approval, principal.approval), entry.approval_tool),
-        )
-        head = await _head(source)
+        body: bytes = getattr(request.state, "raw_body", b"")
+        forward = self.forwarder is not None and not self.forwarder.received(request, body)
+
+        def run(forward: bool, unreachable: bool = False) -> AsyncIterator[Event]:
+            return self.loop.stream(
+                entry,
+                chat,
+                payload,
+                record.clock,
+                offered,
+                denied,
+                session,
+                principal.key_id,
+                continues=continues,
+                surface=surface,
+                library=library,
+                approval=Approval(approval_mode(entry.approval, principal.approval), entry.approval_tool),
+                forward=forward,
+                unreachable=unreachable,
+            )
+
+        source = run(forward)
+        try:
+            head = await _head(source)
+        except OwnedElsewhere as moved:
+            assert self.forwarder is not None
+            response = await self.forwarder.send(request, body, moved)
+            if response is not None:
+                return Answer.forwarded(response)
+            source = run(False, unreachable=True)
+            head = await _head(source)
         started = next((e for e in head if isinstance(e, Started)), None)
         headers = {TRACE_HEADER: started.trace_id} if started and started.trace_id else {}
         if started is not None:
@@ -297,6 +323,11 @@ async def _head(events: AsyncIterator[Event]) -> list[Event]:
     return head
 
 
+async def _no_events() -> AsyncIterator[Event]:
+    return
+    yield  # an async generator that yields nothing
+
+
 async def _chain(head: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
     for event in head:
         yield event
@@ -350,7 +381,9 @@ async def respond(
 ) -> Response:
     """An answer in a surface's wire format: ``whole`` renders the JSON body (a failure is
     raised, for its HTTP status), ``chunks`` the SSE stream (a failure is ``error_event``).
-    The answer is closed either way."""
+    The answer is closed either way. An answer another replica gave is sent as it came."""
+    if answer.response is not None:
+        return answer.response
     if not stream:
         try:
             body = await whole(answer.events)

@@ -18,7 +18,8 @@ cablectl_sessions_active                   gauge      (sessions holding a kernel
 cablectl_generations_total                 counter    model, grammar (inner model calls)
 cablectl_grammar_repairs_total             counter    model, outcome: repaired, failed
 cablectl_grammar_ignored_total             counter    model (replies not in the grammar sent)
-cablectl_session_replays_total             counter    reason: waiting_call, new_program
+cablectl_session_replays_total             counter    reason, cause (see proxy.actions.runtime)
+cablectl_session_forwards_total            counter    outcome: sent, unreachable, received
 cablectl_tool_calls_total                  counter    kind: client, server
 cablectl_actions_total                     counter    path: static, kernel
 =========================================  =========  ==========================================
@@ -127,8 +128,15 @@ class Metrics:
         )
         self.replays = Counter(
             "cablectl_session_replays",
-            "Sessions whose log was replayed onto a fresh kernel, by reason",
-            ["reason"],
+            "Sessions whose log was replayed onto a fresh kernel, by reason and cause",
+            ["reason", "cause"],
+            registry=r,
+        )
+        self.forwards = Counter(
+            "cablectl_session_forwards",
+            "Requests for a session held by another replica, by outcome: sent there, its "
+            "replica unreachable (replayed here), received from another replica",
+            ["outcome"],
             registry=r,
         )
         self.tool_calls = Counter(

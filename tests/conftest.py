@@ -11,12 +11,33 @@ from typing import Any
 import pytest
 import yaml
 
+import proxy.kernels.local as local_kernels
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
 from tests.servers import UvicornThread
 from tests.upstream import ScriptedUpstream
 
 SCRUBBED_PREFIXES = ("OPENAI_", "CABLECTL_", "ANTHROPIC_", "AZURE_", "LANGFUSE_", "ALICE_", "BOB_")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kernel-start",
+        choices=("fork", "spawn"),
+        default=None,
+        help="how local kernels start where config says auto (default: the platform's, fork on Linux)",
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_start(pytestconfig: pytest.Config) -> Iterator[None]:
+    """``--kernel-start``: every provider and app of this run starts kernels that way."""
+    chosen = pytestconfig.getoption("--kernel-start")
+    before = local_kernels.START_DEFAULT
+    if chosen:
+        local_kernels.START_DEFAULT = chosen
+    yield
+    local_kernels.START_DEFAULT = before
 
 
 @pytest.fixture(autouse=True)

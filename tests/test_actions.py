@@ -321,7 +321,7 @@ def test_kernel_killed_mid_conversation_is_replayed(
         == "Observation:\nhottest: Rome {'Paris': 18, 'Rome': 24}"
     )
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'cablectl_session_replays_total{reason="waiting_call"}' in metrics
+    assert 'cablectl_session_replays_total{cause="lost",reason="waiting_call"}' in metrics
 
 
 def test_proxy_restart_between_turns_continues_from_redis(

@@ -187,7 +187,7 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
     replays = [
         line
         for line in httpx.get(proxy.url + "/metrics").text.splitlines()
-        if line.startswith('cablectl_session_replays_total{reason="new_program"}')
+        if line.startswith('cablectl_session_replays_total{cause="lost",reason="new_program"}')
     ]
     assert replays and float(replays[0].split()[-1]) >= 1
 

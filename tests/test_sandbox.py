@@ -56,6 +56,7 @@ KERNEL_ENV = {  # every variable a kernel's environment may hold (tests/test_sec
     "PYTHONUNBUFFERED",
     "PYTHONDONTWRITEBYTECODE",
     "MPLBACKEND",
+    "PYDEVD_DISABLE_FILE_VALIDATION",
     "JPY_PARENT_PID",
     "JPY_SESSION_NAME",
     "PWD",

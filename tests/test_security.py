@@ -94,6 +94,7 @@ def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
         "PYTHONUNBUFFERED",
         "PYTHONDONTWRITEBYTECODE",
         "MPLBACKEND",
+        "PYDEVD_DISABLE_FILE_VALIDATION",
         "JPY_PARENT_PID",
         "JPY_SESSION_NAME",
         "PWD",  # set by bwrap: the working directory

@@ -53,6 +53,7 @@ from proxy.metrics import Metrics
 from proxy.routing import ModelRouter, UpstreamClock
 from proxy.schemas import ChatCompletionRequest
 from proxy.sessions import CallIds, SessionStore, new_session_id
+from proxy.sessions.owners import OwnedElsewhere
 from proxy.toolsets import SEARCH_TOOLS, ServerToolset, ToolSearch
 from proxy.tracing import NoopTracer, Tracer
 from translators import (
@@ -240,6 +241,35 @@ class ActionLoop:
         shown = [f for f in library or [] if toolset.by_py(f.name) is None]
         return build_prompt(messages, toolset, choice, request.parallel_tool_calls is not False, shown)
 
+    async def _placed(self, session_id: str, forward: bool, unreachable: bool) -> str:
+        """Whether this replica answers for the session: raises ``OwnedElsewhere`` if another
+        live replica holds its kernel (and ``forward``); else returns the cause a replay here
+        would have. A kernel of this replica's that is not the claimed one is stale (the session
+        went on elsewhere) and is given back first."""
+        owners = self.runtime.owners
+        assert owners is not None
+        owner = await owners.find(session_id)
+        live = self.runtime.live.get(session_id)
+        if owner is None or owner.mine:
+            if live is None:
+                return "lost"
+            if owner is None:  # the claim lapsed while the kernel stayed: claim it again
+                await owners.claim(session_id, live.kernel.kernel_id)
+            elif live.kernel.kernel_id == owner.kernel:
+                await owners.keep(session_id)
+            else:
+                await self.runtime.release(session_id)
+            return "lost"
+        if live is not None:
+            await self.runtime.release(session_id)
+        if owner.address is None:
+            return "owner_gone"
+        if unreachable:
+            return "owner_unreachable"
+        if forward:
+            raise OwnedElsewhere(session_id, owner)
+        return "owner_elsewhere"  # a forwarded request, sent here on a stale claim: one hop only
+
     async def stream(
         self,
         entry: ModelEntry,
@@ -254,6 +284,8 @@ class ActionLoop:
         surface: str = "chat.completions",
         library: list[MadeFunction] | None = None,
         approval: Approval | None = None,
+        forward: bool = False,
+        unreachable: bool = False,
     ) -> AsyncIterator[Event]:
         """Answer one request as events. Anything wrong with the request raises before the first.
 
@@ -263,7 +295,11 @@ class ActionLoop:
         answered conversation this request's history extends (``owner``'s, and only if exactly
         one), else a new one. ``surface`` names the API in the trace; ``library``: the
         route's promoted functions, defined in the session's kernel and shown as stubs;
-        ``approval``: what the client approves first (``proxy.actions.approval``)."""
+        ``approval``: what the client approves first (``proxy.actions.approval``).
+
+        With replicas (``Runtime.owners``): ``forward``: a session another live replica holds
+        raises ``OwnedElsewhere`` before anything is done (the caller sends the request there);
+        ``unreachable``: that replica could not be reached, so its log is replayed here."""
         messages: list[Message] = list(payload["messages"])
         check_tool_messages(messages)
         if approval is not None and approval.mode == "none":
@@ -286,6 +322,9 @@ class ActionLoop:
             or await self._session_by_history(owner, messages)
             or new_session_id()
         )
+        cause = "lost"
+        if self.runtime.owners is not None:
+            cause = await self._placed(session_id, forward, unreachable)
         answers = trailing_tool_results(messages)
         parallel = request.parallel_tool_calls is not False
         with self.tracer.request(
@@ -319,6 +358,7 @@ class ActionLoop:
                 library=[f for f in library or [] if toolset.by_py(f.name) is None],
                 approval=approval,
                 index=index,
+                replay_cause=cause,
             )
             if step.grammar is not None:  # built (and cached) by _grammar just now
                 step.grammar_lark = self._grammars[(toolset.digest, choice, parallel)][0]

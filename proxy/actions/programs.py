@@ -158,7 +158,7 @@ class KernelDriver:
             with step.span.child("replay", metadata={"turn": turn, "reason": "new program"}) as replay:
                 try:
                     live, _ = await self.runtime.replay(
-                        sid, step.toolset, earlier, finish=True, reason="new_program"
+                        sid, step.toolset, earlier, finish=True, reason="new_program", cause=step.replay_cause
                     )
                     replay.end(metadata={"kernel_id": live.kernel.kernel_id})
                     return live
@@ -385,7 +385,9 @@ class KernelDriver:
                 live.in_use = True
                 waits = True
             else:
-                live, state = await self.runtime.replay(sid, step.toolset, events, reason="waiting_call")
+                live, state = await self.runtime.replay(
+                    sid, step.toolset, events, reason="waiting_call", cause=step.replay_cause
+                )
                 waits = isinstance(state, Pending)
                 live.turn_calls += 1
             server = step.servers.get(str(target["tool"]))
@@ -467,7 +469,11 @@ class KernelDriver:
             # this kernel is gone (crash, restart, another replica): replay the log onto a fresh one
             with step.span.child("replay", metadata={"turn": turn}) as replay:
                 live, state = await self.runtime.replay(
-                    sid, step.toolset, await self.store.events(sid), reason="waiting_call"
+                    sid,
+                    step.toolset,
+                    await self.store.events(sid),
+                    reason="waiting_call",
+                    cause=step.replay_cause,
                 )
                 replay.end(metadata={"kernel_id": live.kernel.kernel_id})
         if state is None:

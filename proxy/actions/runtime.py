@@ -9,6 +9,7 @@ instead of asking anyone, until the call that is waiting now.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from typing import Any
 import orjson
 
 from proxy.actions.artifacts import Artifacts
+from proxy.errors import CablectlError
 from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel, PoolExhausted
 from proxy.sessions import SessionStore
+from proxy.sessions.owners import Owners
 from translators import Toolset, render_kernel_stubs
 
 __all__ = ["LiveSession", "Runtime"]
@@ -55,22 +58,27 @@ def result_value(content: Any) -> Any:
 class Runtime:
     """``on_acquire_wait`` is told how long each session waited for a kernel (seconds);
     ``on_replay`` the reason of each replay (``waiting_call``: a result for a program whose
-    kernel is gone; ``new_program``: a new program in a session whose kernel is gone)."""
+    kernel is gone; ``new_program``: a new program in a session whose kernel is gone) and its
+    cause (``lost``: this replica's kernel died or was given back, or none holds the session;
+    ``owner_gone``: the replica that held it is gone; ``owner_unreachable``: it is announced
+    but could not be reached). ``owners``: claims on sessions shared with other replicas."""
 
     def __init__(
         self,
         pool: KernelPool,
         store: SessionStore,
         on_acquire_wait: Callable[[float], None] | None = None,
-        on_replay: Callable[[str], None] | None = None,
+        on_replay: Callable[[str, str], None] | None = None,
         artifacts: Artifacts | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
         self.artifacts = artifacts  # files programs write: recorded, and put back on replay
         self.live: dict[str, LiveSession] = {}
         self.on_acquire_wait = on_acquire_wait
-        self.on_replay = on_replay  # told the reason of every replay
+        self.on_replay = on_replay  # told the reason and cause of every replay
+        self.owners = owners
 
     async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
         """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
@@ -92,6 +100,8 @@ class Runtime:
             raise
         live = LiveSession(session_id, kernel, toolset.digest, last_used=time.monotonic(), in_use=True)
         self.live[session_id] = live
+        if self.owners is not None:  # other replicas send this session's requests here now
+            await self.owners.claim(session_id, kernel.kernel_id)
         return live
 
     async def _acquire(self, session_id: str) -> PooledKernel:
@@ -160,6 +170,7 @@ class Runtime:
         events: list[Event],
         finish: bool = False,
         reason: str = "lost_kernel",
+        cause: str = "lost",
     ) -> tuple[LiveSession, Pending | Finished | None]:
         """A fresh kernel brought to where the log ends.
 
@@ -228,20 +239,24 @@ class Runtime:
         if self.artifacts is not None and not isinstance(state, Pending):
             await self.artifacts.restore(session_id, events, live.kernel)
         log.info(
-            "session %s replayed onto kernel %s (%s: %d programs run again)",
+            "session %s replayed onto kernel %s (%s, %s: %d programs run again)",
             session_id,
             live.kernel.kernel_id,
             reason,
+            cause,
             len(turns),
         )
         if self.on_replay is not None:
-            self.on_replay(reason)
+            self.on_replay(reason, cause)
         return live, state
 
     async def release(self, session_id: str) -> None:
         live = self.live.pop(session_id, None)
         if live is not None:
             await self.pool.release(live.kernel)
+            if self.owners is not None:
+                with contextlib.suppress(CablectlError):  # the claim expires by itself otherwise
+                    await self.owners.release(session_id, live.kernel.kernel_id)
 
     async def sweep(self, idle_seconds: float) -> None:
         """Give back kernels of sessions idle longer than ``idle_seconds`` (their logs stay)."""

@@ -52,6 +52,7 @@ class Step:
     library: list[MadeFunction] = field(default_factory=list)  # promoted functions of the route
     approval: Approval | None = None  # what the client must approve first (None: nothing)
     index: ToolIndex | None = None  # too many tools to show: ranks them for the prompt
+    replay_cause: str = "lost"  # why, if the session's kernel must be rebuilt: see Runtime
     usage: Usage = field(default_factory=Usage)
     sent: list[ToolCallOut] = field(default_factory=list)  # tool calls of this response so far
     shown_text: str = ""  # text of this response so far

@@ -32,6 +32,8 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import secrets
 import shutil
 import sys
 import tempfile
@@ -39,13 +41,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from proxy.kernels.base import KernelConnection, KernelProvider, Message
+from proxy.kernels.execution import KernelDied
+from proxy.kernels.forking import ForkServer
 from proxy.kernels.sandbox import Bubblewrap, link_sockets, sandbox_launcher
 
-__all__ = ["LocalKernel", "LocalKernelProvider", "ResourceLimits", "can_isolate_network"]
+__all__ = [
+    "START_DEFAULT",
+    "ForkedKernel",
+    "LocalKernel",
+    "LocalKernelProvider",
+    "ResourceLimits",
+    "can_isolate_network",
+    "start_mode",
+]
 
 log = logging.getLogger("cablectl.kernels")
 
@@ -79,6 +93,19 @@ _LAUNCHER = (
 _SANDBOXED = sandbox_launcher(_LAUNCHER)
 
 
+# how kernels start when config says auto: forked from a fork server where fork() is what Linux
+# has, else each a new process; the test suite runs the kernel suites under both (conftest)
+START_DEFAULT = "fork" if sys.platform == "linux" else "spawn"
+
+
+def start_mode(start: str | None) -> str:
+    """``fork`` or ``spawn`` for a ``kernels.start`` value (None and ``auto``: ``START_DEFAULT``)."""
+    mode = START_DEFAULT if start in (None, "auto") else str(start)
+    if mode not in ("fork", "spawn"):
+        raise ValueError(f"kernels.start must be fork, spawn or auto, not {start!r}")
+    return mode
+
+
 def can_isolate_network() -> bool:
     """Whether this host lets a child process leave the host's network (probed once)."""
     import subprocess
@@ -99,14 +126,15 @@ class ResourceLimits:
         self.open_files = open_files
 
 
-class LocalKernel(KernelConnection):
-    def __init__(self, manager: AsyncKernelManager, workdir: Path, rundir: Path | None = None) -> None:
+class _ChannelKernel(KernelConnection):
+    """A kernel reached over its IPC sockets through jupyter_client's async client."""
+
+    def __init__(self, client: Any, kernel_id: str, workdir: Path, rundir: Path | None) -> None:
         super().__init__()
-        self.manager = manager
-        self.kernel_id = manager.kernel_id or uuid.uuid4().hex
+        self.client = client
+        self.kernel_id = kernel_id
         self.workdir = workdir
         self.rundir = rundir
-        self.client = manager.client()
         self._pumps: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -114,13 +142,37 @@ class LocalKernel(KernelConnection):
         # no heartbeat channel: liveness is the process's (is_alive), and its thread raced a
         # fast shutdown (a socket created on a context being closed)
         self.client.start_channels(hb=False)
-        await self.client.wait_for_ready(timeout=timeout)
+        await self._ready(timeout)
         for channel, getter in (
             ("iopub", self.client.get_iopub_msg),
             ("shell", self.client.get_shell_msg),
             ("stdin", self.client.get_stdin_msg),
         ):
             self._pumps.append(asyncio.create_task(self._pump(channel, getter)))
+
+    async def _ready(self, timeout: float) -> None:
+        """Until the kernel answers ``kernel_info`` and our IOPub subscription is live (ipykernel
+        greets each new subscriber with ``iopub_welcome``, and publishes its status around every
+        request): what jupyter_client's ``wait_for_ready`` checks, without its fixed 0.2 s
+        polls of IOPub."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self.client.kernel_info()
+            try:
+                reply = await self.client.get_shell_msg(timeout=1.0)
+            except queue.Empty:
+                reply = None
+            if reply is not None and reply["msg_type"] == "kernel_info_reply":
+                try:
+                    await self.client.get_iopub_msg(timeout=1.0)
+                    return
+                except queue.Empty:
+                    pass
+            if not await self.is_alive():
+                raise KernelDied("the kernel died before it answered kernel_info")
+            if loop.time() > deadline:
+                raise KernelDied(f"the kernel did not answer kernel_info in {timeout:.0f} s")
 
     async def _pump(self, channel: str, getter: Any) -> None:
         while True:
@@ -151,6 +203,33 @@ class LocalKernel(KernelConnection):
         msg = self.client.session.msg("input_reply", {"value": value}, parent=parent)
         self.client.stdin_channel.send(msg)
 
+    async def _close_channels(self) -> bool:
+        """Stop reading; False if it was closed already."""
+        if self._closed:
+            return False
+        self._closed = True
+        for task in self._pumps:
+            task.cancel()
+        for task in self._pumps:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        return True
+
+    def _remove_dirs(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+class LocalKernel(_ChannelKernel):
+    """A kernel jupyter_client started as a new process (``kernels.start: spawn``)."""
+
+    def __init__(self, manager: AsyncKernelManager, workdir: Path, rundir: Path | None = None) -> None:
+        super().__init__(manager.client(), manager.kernel_id or uuid.uuid4().hex, workdir, rundir)
+        self.manager = manager
+
     async def interrupt(self) -> None:
         await self.manager.interrupt_kernel()
 
@@ -163,16 +242,8 @@ class LocalKernel(KernelConnection):
         return getattr(process, "pid", None)
 
     async def shutdown(self) -> None:
-        if self._closed:
+        if not await self._close_channels():
             return
-        self._closed = True
-        for task in self._pumps:
-            task.cancel()
-        for task in self._pumps:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            self.client.stop_channels()
         try:
             await self.manager.shutdown_kernel(now=True)
         except Exception:  # already dead or half-started: make sure the process is gone
@@ -182,9 +253,35 @@ class LocalKernel(KernelConnection):
                     await self.manager.provisioner.kill()
         with contextlib.suppress(Exception):
             await self.manager.cleanup_resources()  # connection file and ipc sockets
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        if self.rundir is not None:
-            shutil.rmtree(self.rundir, ignore_errors=True)
+        self._remove_dirs()
+
+
+class ForkedKernel(_ChannelKernel):
+    """A kernel forked by the provider's fork server (``kernels.start: fork``)."""
+
+    def __init__(
+        self, client: Any, server: ForkServer, kernel_id: str, pid: int, workdir: Path, rundir: Path
+    ) -> None:
+        super().__init__(client, kernel_id, workdir, rundir)
+        self.server = server
+        self._pid = pid
+
+    async def interrupt(self) -> None:
+        # by message, as for a sandboxed spawned kernel: ipykernel interrupts itself
+        msg = self.client.session.msg("interrupt_request", {})
+        self.client.control_channel.send(msg)
+
+    async def is_alive(self) -> bool:
+        return self.server.alive(self.kernel_id)
+
+    def pid(self) -> int | None:
+        return self._pid
+
+    async def shutdown(self) -> None:
+        if not await self._close_channels():
+            return
+        await self.server.kill(self.kernel_id)
+        self._remove_dirs()
 
 
 class LocalKernelProvider(KernelProvider):
@@ -198,9 +295,12 @@ class LocalKernelProvider(KernelProvider):
         extra_env: dict[str, str] | None = None,
         network: bool = True,
         sandbox: Bubblewrap | None = None,
+        start: str | None = None,
     ) -> None:
         """``network=False``: kernels get a network namespace of their own (see the module doc).
-        ``sandbox``: each kernel runs in a bubblewrap sandbox of its own (``proxy.kernels.sandbox``)."""
+        ``sandbox``: each kernel runs in a bubblewrap sandbox of its own (``proxy.kernels.sandbox``).
+        ``start``: ``fork`` (from a fork server, ``proxy.kernels.forking``) or ``spawn`` (a new
+        process each); None or ``auto``: ``START_DEFAULT``."""
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -241,6 +341,12 @@ class LocalKernelProvider(KernelProvider):
         self._work.mkdir(exist_ok=True)
         os.chmod(self._work, 0o300)  # write + search, no listing
         self._hide_proxy_process()
+        self.start = start_mode(start)
+        self._forks: ForkServer | None = None
+        if self.start == "fork":
+            keep = ("PATH", "LANG", "PYDEVD_DISABLE_FILE_VALIDATION")
+            server_env = {k: v for k, v in self.kernel_env(self.root).items() if k in keep}
+            self._forks = ForkServer(self.root, server_env, startup_timeout)
 
     @staticmethod
     def _hide_proxy_process() -> None:
@@ -266,11 +372,14 @@ class LocalKernelProvider(KernelProvider):
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             "MPLBACKEND": "Agg",
+            # debugpy (imported by ipykernel) warns about frozen modules on stderr, which the
+            # first program's output would carry
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         }
         env.update(self.extra_env)
         return env
 
-    async def start_kernel(self) -> LocalKernel:
+    async def start_kernel(self) -> LocalKernel | ForkedKernel:
         kernel_id = uuid.uuid4().hex
         workdir = self._work / kernel_id
         workdir.mkdir(mode=0o700)
@@ -283,6 +392,8 @@ class LocalKernelProvider(KernelProvider):
             inside = self.sandbox.prepare(
                 workdir, rundir, network=self.network, tmpfs_bytes=self.limits.memory_bytes
             )
+        if self._forks is not None:
+            return await self._fork(self._forks, kernel_id, workdir, rundir, inside)
         manager = AsyncKernelManager(
             kernel_name=SPEC_NAME,
             kernel_spec_manager=self._spec_manager,
@@ -313,7 +424,66 @@ class LocalKernelProvider(KernelProvider):
             raise
         return kernel
 
+    async def _fork(
+        self, server: ForkServer, kernel_id: str, workdir: Path, rundir: Path, inside: Path | None
+    ) -> ForkedKernel:
+        """A kernel from the fork server, with what a spawned one has (see ``proxy.kernels.forking``)."""
+        connection = rundir / "kernel.json"
+        kernel: ForkedKernel | None = None
+        try:
+            _, info = write_connection_file(
+                str(connection),
+                transport="ipc",
+                ip=str(rundir / "ipc"),
+                key=secrets.token_hex(32).encode(),
+                kernel_name=SPEC_NAME,
+            )
+            env = self.kernel_env(workdir)
+            bwrap = None
+            if inside is not None and self.sandbox is not None:
+                # what the kernel sees at rundir is inside/: its own copy of the connection file
+                fd = os.open(inside / connection.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, connection.read_bytes())
+                os.close(fd)
+                argv = self.sandbox.argv(
+                    str(workdir), str(rundir), network=self.network, tmpfs_bytes=self.limits.memory_bytes
+                )
+                bwrap = argv[: argv.index("--")]
+            # no parent to poll: it dies with the fork server (a death signal) instead
+            env["JPY_PARENT_PID"] = "1"
+            request = {
+                "id": kernel_id,
+                "conn": str(connection),
+                "cwd": str(workdir),
+                "env": env,
+                "limits": [self.limits.memory_bytes, self.limits.cpu_seconds, self.limits.open_files],
+                "unshare_net": not self.network and bwrap is None,
+                "bwrap": bwrap,
+            }
+            pid = await server.start(request)
+            self.started_pids.append(pid)
+            client = AsyncKernelClient()
+            client.load_connection_info(info)
+            kernel = ForkedKernel(client, server, kernel_id, pid, workdir, rundir)
+            if inside is not None:
+                names = [
+                    f"ipc-{info[port]}" for port in ("shell_port", "iopub_port", "stdin_port", "control_port")
+                ]
+                await link_sockets(inside, rundir, names, kernel.is_alive, self.startup_timeout)
+            await kernel.open(self.startup_timeout)
+        except BaseException:
+            if kernel is not None:
+                await asyncio.shield(kernel.shutdown())
+            else:
+                await asyncio.shield(server.kill(kernel_id))
+                shutil.rmtree(workdir, ignore_errors=True)
+                shutil.rmtree(rundir, ignore_errors=True)
+            raise
+        return kernel
+
     async def aclose(self) -> None:
+        if self._forks is not None:
+            await self._forks.aclose()
         if self._own_root:
             with contextlib.suppress(OSError):
                 os.chmod(self._work, 0o700)  # listable again, so it can be removed

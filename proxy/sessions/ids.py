@@ -36,6 +36,10 @@ class CallIds:
     def _sign(self, session_id: str, seq: int) -> str:
         return hmac.new(self._secret, f"{session_id}:{seq}".encode(), hashlib.sha256).hexdigest()[:16]
 
+    def mac(self, data: bytes) -> str:
+        """An HMAC of ``data`` under the session secret (what replicas sign forwarded requests with)."""
+        return hmac.new(self._secret, data, hashlib.sha256).hexdigest()
+
     def issue(self, session_id: str, seq: int) -> str:
         return f"call_{session_id}_{seq}_{self._sign(session_id, seq)}"
 

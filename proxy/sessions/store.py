@@ -85,6 +85,10 @@ class SessionStore(abc.ABC):
         """What every live replica last announced."""
 
     @abc.abstractmethod
+    async def replica(self, replica_id: str) -> dict[str, Any] | None:
+        """What this replica last announced; None once its announcement has expired."""
+
+    @abc.abstractmethod
     async def _try_lock(self, session_id: str, token: str) -> bool: ...
 
     @abc.abstractmethod
@@ -120,6 +124,10 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def delete_value(self, key: str) -> bool:
         """Forget a value; False if there was none."""
+
+    @abc.abstractmethod
+    async def delete_value_if(self, key: str, expected: bytes) -> bool:
+        """Forget a value if it is still ``expected`` (atomically); False if it was not."""
 
     @abc.abstractmethod
     async def touch_values(self, keys: list[str], ttl: float) -> None:
@@ -193,6 +201,9 @@ class InMemorySessionStore(SessionStore):
     async def delete_value(self, key: str) -> bool:
         return await self.get_value(key) is not None and self._values.pop(key, None) is not None
 
+    async def delete_value_if(self, key: str, expected: bytes) -> bool:
+        return await self.get_value(key) == expected and await self.delete_value(key)
+
     async def touch_values(self, keys: list[str], ttl: float) -> None:
         for key in keys:
             value = await self.get_value(key)
@@ -260,6 +271,10 @@ class InMemorySessionStore(SessionStore):
     async def replicas(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [info for until, info in self._replicas.values() if until > now]
+
+    async def replica(self, replica_id: str) -> dict[str, Any] | None:
+        held = self._replicas.get(replica_id)
+        return held[1] if held is not None and held[0] > time.monotonic() else None
 
     async def _try_lock(self, session_id: str, token: str) -> bool:
         held = self._locks.get(session_id)
@@ -366,6 +381,10 @@ class RedisSessionStore(SessionStore):
         values = await self._call(self._redis.mget(keys))
         return [orjson.loads(v) for v in values if v is not None]
 
+    async def replica(self, replica_id: str) -> dict[str, Any] | None:
+        raw = await self._call(self._redis.get(f"{self._replica_prefix}{replica_id}"))
+        return None if raw is None else dict(orjson.loads(raw))
+
     async def _try_lock(self, session_id: str, token: str) -> bool:
         ok = await self._call(
             self._redis.set(self._lock_key(session_id), token, nx=True, px=int(self.lock_ttl * 1000))
@@ -407,6 +426,10 @@ class RedisSessionStore(SessionStore):
 
     async def delete_value(self, key: str) -> bool:
         return bool(await self._call(self._redis.delete(self._value_prefix + key)))
+
+    async def delete_value_if(self, key: str, expected: bytes) -> bool:
+        # the lock's compare-and-delete script: delete only while it still holds ``expected``
+        return bool(await self._call(self._unlock_script(keys=[self._value_prefix + key], args=[expected])))
 
     async def touch_values(self, keys: list[str], ttl: float) -> None:
         if not keys:

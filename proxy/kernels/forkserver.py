@@ -1,0 +1,347 @@
+"""The fork server: a process that has imported ipykernel once, and forks one kernel per request.
+
+Run as a program (``python -I forkserver.py <proxy pid>``) by ``proxy.kernels.forking``, with the
+kernels' scrubbed environment, and imports nothing of cablectl: what a kernel inherits from it is
+the Python runtime, ipykernel and what ipykernel imports, and nothing else. It is single-threaded,
+holds no ZeroMQ context and runs no event loop, so a forked child starts clean: the child makes its
+own context, sockets, threads and event loop when ipykernel initializes. Its modules are imported
+before ``gc.freeze()``, so the collector does not touch (and copy) the inherited objects.
+
+Protocol: one JSON object per line. On stdin, requests: ``{"op": "start", "id", "conn", "cwd",
+"env", "limits": [memory bytes, cpu seconds, open files], "unshare_net", "bwrap": argv or null}``
+and ``{"op": "kill", "id"}``. On stdout: ``{"ready": true}`` once, then ``{"id", "pid"}`` (or
+``{"id", "error"}``) for each start, and ``{"exited": id, "status"}`` when a kernel's process has
+been reaped. Only this process reaps its children, so a kill never reaches a reused PID.
+
+A kernel in a sandbox (``bwrap`` given): the forked child (the *keeper*) starts bubblewrap with the
+sandbox's arguments and a placeholder as the sandbox's PID 1, joins the placeholder's namespaces
+(user, mount, PID, network, IPC, UTS, cgroup: the same sandbox ``bwrap`` makes for a spawned
+kernel, with the same files, limits and no network), and forks the kernel inside; the kernel drops
+every capability, sets no-new-privileges and becomes ipykernel. The keeper only waits: when the
+kernel ends it kills the sandbox, and killing the keeper ends both (death signals, and bwrap's
+``--die-with-parent``). Without a sandbox, the child itself is the kernel (in a network namespace
+of its own if asked). Every process here dies with its parent: the server with the proxy, the
+children with the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gc
+import json
+import os
+import random
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+NS_GET_PARENT = 0xB702  # ioctl: the user namespace that owns (is parent of) this one
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+JOINED = ("mnt", "pid", "net", "ipc", "uts", "cgroup")  # then the sandbox's own user namespace
+# the sandbox's PID 1 until the kernel joins it: blocks reading a pipe only the keeper holds, so
+# it also ends when the keeper does; its arguments name the kernel (for ps, as a spawned kernel's do)
+PLACEHOLDER = ["/bin/sh", "-c", "echo ready; read x", "cablectl-kernel-sandbox"]
+PRELOAD = (
+    "ipykernel.kernelapp",
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.comm",
+    "ipykernel.debugger",
+    "ipykernel.inprocess.ipkernel",
+    "IPython.core.interactiveshell",
+    "IPython.core.completer",
+    "IPython.core.formatters",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "sqlite3",
+    "pdb",
+    "faulthandler",
+    "tornado.platform.asyncio",
+    "jupyter_client.session",
+    "zmq.eventloop.zmqstream",
+    "tornado.ioloop",
+    "tornado.queues",
+    "asyncio",
+    "json",
+    "comm",
+)
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when the parent (seen as PID ``parent`` from here) goes."""
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # it went before the death signal was armed
+        os._exit(1)
+
+
+def _set_title(args: list[str]) -> None:
+    """This process's command line as ``ps`` and ``/proc/<pid>/cmdline`` show it: written over
+    the arguments area the server was started with (padded for this), as setproctitle does. A
+    forked kernel shows ``python -m ipykernel_launcher -f <connection file>``, as a spawned one."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+    except (OSError, IndexError, ValueError):
+        return
+    size = end - start
+    data = b"\0".join(a.encode() for a in args)[: size - 1]
+    ctypes.memmove(start, data.ljust(size, b"\0"), size)
+
+
+def _send(message: dict[str, Any]) -> None:
+    data = json.dumps(message).encode() + b"\n"
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an optional module: the kernel imports it later if at all
+            print(f"cablectl fork server: could not preload {name}: {exc}", file=sys.stderr)
+    gc.collect()
+    gc.freeze()
+
+
+def _quiet_fds() -> None:
+    """stdin from /dev/null, stdout to stderr (never the protocol pipe), nothing else open."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.closerange(3, 65536)
+
+
+def _drop_privileges() -> None:
+    """No capability in any set, none to regain: what bwrap's --cap-drop ALL leaves a command."""
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # past the last capability this kernel knows
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _unshare_network() -> None:
+    """A network namespace of its own (as root), else a user namespace mapping this uid to
+    itself plus a network namespace."""
+    if libc.unshare(CLONE_NEWNET) == 0:
+        return
+    uid, gid = os.getuid(), os.getgid()
+    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(network)")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
+
+
+def _become_kernel(req: dict[str, Any]) -> None:
+    """Limits, environment, working directory, fresh random state; then ipykernel (never returns)."""
+    os.setsid()
+    memory, cpu, files = (int(x) for x in req["limits"])
+    if memory:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    if cpu:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    if files:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    _set_title([sys.executable, "-m", "ipykernel_launcher", "-f", req["conn"]])
+    random.seed()  # every child would draw the server's sequence otherwise
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    sys.argv = ["ipykernel_launcher", "-f", req["conn"]]
+    from ipykernel.kernelapp import IPKernelApp
+
+    code = 0
+    try:
+        app = IPKernelApp.instance()
+        # its default was read from the server's environment at import: no parent to poll (it
+        # dies with the server by a death signal), and no banner for a terminal
+        app.parent_handle = 1
+        app.initialize(["-f", req["conn"]])  # type: ignore[no-untyped-call]
+        app.start()  # type: ignore[no-untyped-call]
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _join_sandbox(sandbox: subprocess.Popen[bytes], info_fd: int) -> None:
+    """Join the namespaces of the sandbox's PID 1 (the placeholder)."""
+    assert sandbox.stdout is not None
+    if not sandbox.stdout.readline():
+        raise OSError("bubblewrap did not make the sandbox")
+    raw = b""
+    while True:
+        raw += os.read(info_fd, 65536)
+        try:
+            pid = int(json.loads(raw)["child-pid"])
+            break
+        except ValueError:
+            continue
+    # a namespace the sandbox shares with us (the host's network, with kernels.network: host)
+    # is not joined: it is ours already, and the sandbox's user namespace does not own it
+    theirs = [
+        ns
+        for ns in (*JOINED, "user")
+        if os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino
+    ]
+    fds = {ns: os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY) for ns in theirs}
+    # the sandbox's namespaces belong to bwrap's first user namespace; with --disable-userns the
+    # command runs in one nested below it: join the owner first, then them, then the nested one
+    owner = fcntl.ioctl(fds["user"], NS_GET_PARENT)
+    steps = ((owner, "user (owner)"), *((fds[ns], ns) for ns in JOINED if ns in fds), (fds["user"], "user"))
+    for fd, what in steps:
+        if libc.setns(fd, 0) != 0:
+            errno = ctypes.get_errno()
+            if what == "user (owner)" and errno == 22:  # EINVAL: it is ours already (no nesting)
+                continue
+            raise OSError(errno, f"setns({what}): {os.strerror(errno)}")
+    for fd in (owner, *fds.values()):
+        os.close(fd)
+
+
+def _child(req: dict[str, Any], server: int) -> None:
+    """In the forked child (never returns)."""
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    _die_with_parent(server)
+    _quiet_fds()
+    try:
+        if req.get("bwrap") is None:
+            if req.get("unshare_net"):
+                _unshare_network()
+            _become_kernel(req)
+        read, write = os.pipe()
+        argv = [*req["bwrap"], "--as-pid-1", "--info-fd", str(write), "--", *PLACEHOLDER, req["conn"]]
+        sandbox = subprocess.Popen(
+            argv, pass_fds=[write], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}
+        )
+        os.close(write)
+        _set_title(["cablectl-kernel-keeper", req["conn"]])
+        _join_sandbox(sandbox, read)
+        kernel = os.fork()
+        if kernel == 0:
+            _die_with_parent(0)  # its parent, the keeper, is outside its PID namespace: PID 0 here
+            os.closerange(3, 65536)  # the keeper's pipes to the sandbox stay the keeper's
+            _drop_privileges()
+            _become_kernel(req)
+        _, status = os.waitpid(kernel, 0)
+        sandbox.kill()
+        sandbox.wait()
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    except BaseException as exc:  # nothing of a failed start may go on running
+        print(f"cablectl fork server: kernel {req.get('id')} failed to start: {exc}", file=sys.stderr)
+        os._exit(70)
+
+
+def main() -> None:
+    server = os.getpid()
+    _die_with_parent(int(sys.argv[1]))
+    _preload()
+    children: dict[int, str] = {}  # pid -> kernel id, until reaped
+    by_id: dict[str, int] = {}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ, "requests")
+    selector.register(wake_r, selectors.EVENT_READ, "children")
+    _send({"ready": True})
+    pending = b""
+    while True:
+        for key, _ in selector.select():
+            if key.data == "children":
+                os.read(wake_r, 4096)
+                while children:
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if pid == 0:
+                        break
+                    kernel_id = children.pop(pid, None)
+                    if kernel_id is not None:
+                        by_id.pop(kernel_id, None)
+                        _send({"exited": kernel_id, "status": os.waitstatus_to_exitcode(status)})
+                continue
+            chunk = os.read(0, 65536)
+            if not chunk:  # the proxy closed the pipe: it is going away, and so are its kernels
+                for pid in children:
+                    os.kill(pid, signal.SIGKILL)
+                os._exit(0)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                req = json.loads(line)
+                if req["op"] == "kill":
+                    victim = by_id.get(str(req["id"]))
+                    if victim is not None:  # not reaped yet, so the PID is still ours
+                        os.kill(victim, signal.SIGKILL)
+                    continue
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    _send({"id": req["id"], "error": str(exc)})
+                    continue
+                if pid == 0:
+                    _child(req, server)
+                children[pid] = str(req["id"])
+                by_id[str(req["id"])] = pid
+                _send({"id": req["id"], "pid": pid})
+
+
+if __name__ == "__main__":
+    main()
