@@ -1,5 +1,6 @@
 """Kernel pool figures, measured in one run with real ipykernels, without a sandbox and in
-bubblewrap sandboxes (``kernels.sandbox``), side by side (samples interleaved):
+bubblewrap sandboxes (``kernels.sandbox``), each started as a new process or forked from the
+fork server (``kernels.start: spawn | fork``), side by side (samples interleaved):
 
 - warm ``acquire`` from the pool against a cold kernel start (p50, and the ratio);
 - a trivial cell's round trip (``1``);
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stats import pct  # noqa: E402
 from proxy.kernels import ExecLimits, Finished, KernelPool, Pending  # noqa: E402
-from proxy.kernels.local import LocalKernel, LocalKernelProvider  # noqa: E402
+from proxy.kernels.local import LocalKernelProvider  # noqa: E402
 from proxy.kernels.sandbox import Bubblewrap  # noqa: E402
 from translators.kernel_stubs import render_kernel_stubs  # noqa: E402
 from translators.tools import Toolset  # noqa: E402
@@ -93,7 +94,7 @@ async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> di
     out: dict[str, dict[str, Any]] = {
         name: {"cold": [], "warm": [], "trivial": [], "calls": []} for name in providers
     }
-    for _ in range(10):
+    for _ in range(20):
         for name, provider in providers.items():
             started = time.perf_counter()
             kernel = await provider.start_kernel()
@@ -145,7 +146,7 @@ async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> di
 
         for name, pool in pools.items():
             await pool.wait_ready(4, timeout=120)
-            idle = [c for c in pool._idle if isinstance(c, LocalKernel)]
+            idle = list(pool._idle)
             out[name]["mem"] = [tree_memory_kb(pid) for c in idle if (pid := c.pid()) is not None]
     finally:
         for pool in pools.values():
@@ -153,48 +154,61 @@ async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> di
     return out
 
 
+def ratio(results: dict[str, dict[str, Any]], key: str, a: str, b: str) -> str:
+    if a not in results or b not in results:
+        return ""
+    return f"  {a}/{b} p50 {pct(results[a][key], 0.5) / pct(results[b][key], 0.5):.2f}x"
+
+
 async def main(samples: int) -> None:
     bwrap = Bubblewrap.find()
     usable = bwrap is not None and bwrap.problem() is None
-    # both without the host's network, as kernels run by default
-    providers = {"none": LocalKernelProvider(network=False)}
+    # all without the host's network, as kernels run by default
+    providers = {
+        "none/spawn": LocalKernelProvider(network=False, start="spawn"),
+        "none/fork": LocalKernelProvider(network=False, start="fork"),
+    }
     if usable:
-        providers["bwrap"] = LocalKernelProvider(network=False, sandbox=bwrap)
+        providers["bwrap/spawn"] = LocalKernelProvider(network=False, sandbox=bwrap, start="spawn")
+        providers["bwrap/fork"] = LocalKernelProvider(network=False, sandbox=bwrap, start="fork")
     try:
         results = await measure(providers, samples)
     finally:
         for provider in providers.values():
             await provider.aclose()
     total = meminfo_kb("MemTotal") / 1024
-    print("kernel pool, real ipykernels, IPC transport; sandbox: none vs bwrap, samples interleaved")
+    print(
+        "kernel pool, real ipykernels, IPC transport; sandbox none vs bwrap, started by spawn vs fork, "
+        "samples interleaved"
+    )
     if not usable:
         print("  (bubblewrap cannot make a sandbox here: only 'none' measured)")
     rows = [
-        ("cold kernel start", "cold", "ms", "(target: bwrap <= 1.5x none)"),
+        ("cold kernel start", "cold", "ms", "(targets: bwrap/spawn <= 1.5x none/spawn; fork <= 0.2x spawn)"),
         ("warm acquire", "warm", "ms", ""),
-        ("trivial cell round trip", "trivial", "ms", "(target: bwrap within 10% of none)"),
-        ("back-channel tool call", "calls", "ms", "(target: bwrap within 10% of none)"),
+        ("trivial cell round trip", "trivial", "ms", "(target: within 10% across columns)"),
+        ("back-channel tool call", "calls", "ms", "(target: within 10% across columns)"),
     ]
     for label, key, unit, target in rows:
-        cells = "   ".join(
-            f"{name}: p50 {pct(r[key], 0.5):8.3f} p99 {pct(r[key], 0.99):8.3f} {unit}"
-            for name, r in results.items()
+        print(f"  {label} {target}")
+        for name, r in results.items():
+            print(f"    {name:<12} p50 {pct(r[key], 0.5):8.3f}  p99 {pct(r[key], 0.99):8.3f} {unit}")
+        print(
+            "   "
+            + ratio(results, key, "bwrap/spawn", "none/spawn")
+            + ratio(results, key, "none/fork", "none/spawn")
+            + ratio(results, key, "bwrap/fork", "bwrap/spawn")
         )
-        ratio = (
-            f"   bwrap/none p50 {pct(results['bwrap'][key], 0.5) / pct(results['none'][key], 0.5):.2f}x"
-            if "bwrap" in results
-            else ""
-        )
-        print(f"  {label:<24} {cells}{ratio} {target}")
     for name, r in results.items():
         rss = statistics.fmean(m[0] for m in r["mem"]) / 1024
         pss = statistics.fmean(m[1] for m in r["mem"]) / 1024
         print(
-            f"  idle kernel memory ({name}) RSS {rss:.1f} MiB, PSS {pss:.1f} MiB; "
+            f"  idle kernel memory ({name:<11}) RSS {rss:6.1f} MiB, PSS {pss:6.1f} MiB; "
             f"{int(0.8 * total / pss)} fit in 80% of {total / 1024:.1f} GiB"
         )
     print(
-        f"  cold / warm (p50, none)  {pct(results['none']['cold'], 0.5) / pct(results['none']['warm'], 0.5):,.0f}x"
+        "  cold / warm (p50, none/spawn) "
+        f"{pct(results['none/spawn']['cold'], 0.5) / pct(results['none/spawn']['warm'], 0.5):,.0f}x"
     )
 
 

@@ -1,4 +1,5 @@
-"""Load against `cablectl serve` (its own process) on loopback, with a scripted upstream:
+"""Load against `cablectl serve` (its own process) on loopback, with a scripted upstream, once
+per kernel start mode (``kernels.start``: fork and spawn, two proxies measured in turn in one run):
 
 - fast path: 1,000 requests at concurrency 50 (a static program becomes tool_calls, no kernel);
 - kernel path: 200 sessions at concurrency 20 (a program calls a client tool twice in a
@@ -10,7 +11,10 @@ p50/p99 per phase, the proxy's CPU per request, its RSS (after warm-up, after ea
 and the kernel pool from /metrics once sessions have idled out. Exits 1 if any request failed or the
 pool did not return to idle; asserts nothing about time. Bounded by --max-seconds.
 
-    .venv/bin/python bench/load.py [--requests 1000] [--sessions 200] [--max-seconds 900]
+The kernel path also reports its first step (the request that needs a fresh kernel) apart, and
+the sessions/s and first-step p99 of fork against spawn.
+
+    .venv/bin/python bench/load.py [--requests 1000] [--sessions 200] [--starts fork,spawn]
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Tally:
         self.latencies: list[float] = []
         self.overhead: list[float] = []  # x-cablectl-overhead-ms: the proxy's own time
         self.errors: list[str] = []
+        self.first: list[float] = []  # a kernel session's first request: the one that takes a kernel
 
     def line(self, name: str, wall: float, count: int, unit: str) -> str:
         ms = self.latencies
@@ -93,6 +98,8 @@ async def fast_request(client: httpx.AsyncClient, tally: Tally) -> None:
 async def kernel_session(client: httpx.AsyncClient, tally: Tally) -> None:
     messages: list[Any] = [{"role": "user", "content": "Which city is hotter?"}]
     body = await post(client, messages, tally)
+    if tally.latencies:
+        tally.first.append(tally.latencies[-1])
     while body is not None and body["choices"][0]["finish_reason"] == "tool_calls":
         message = body["choices"][0]["message"]
         messages.append(message)
@@ -169,75 +176,116 @@ def wait_idle(base: str, deadline: float) -> dict[str, float]:
         time.sleep(0.5)
 
 
-async def main(requests: int, sessions: int, max_seconds: float) -> int:
+async def main(requests: int, sessions: int, max_seconds: float, starts: list[str]) -> int:
     deadline = time.monotonic() + max_seconds
     upstream = Responder()
     with UvicornThread(upstream, lifespan="off") as up:
-        port = free_port()
-        config = {
-            "model_list": [
-                {"model_name": "gpt", "litellm_params": {"model": "openai/gpt", "api_base": up.url + "/v1"}}
-            ],
-            "kernels": {"min_idle": 8, "max_total": 24, "acquire_timeout": 120, "session_idle_seconds": 2},
-            "sessions": {"ttl_seconds": SESSION_TTL},
-            "server": {"log_level": "warning", "port": port},
-        }
-        path = Path(tempfile.mkdtemp()) / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proxy = start_proxy(path)
-        base = f"http://127.0.0.1:{port}"
+        proxies: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        for start in starts:
+            port = free_port()
+            config = {
+                "model_list": [
+                    {
+                        "model_name": "gpt",
+                        "litellm_params": {"model": "openai/gpt", "api_base": up.url + "/v1"},
+                    }
+                ],
+                "kernels": {
+                    "min_idle": 8,
+                    "max_total": 24,
+                    "acquire_timeout": 120,
+                    "session_idle_seconds": 2,
+                    "start": start,
+                },
+                "sessions": {"ttl_seconds": SESSION_TTL},
+                "server": {"log_level": "warning", "port": port},
+            }
+            path = Path(tempfile.mkdtemp()) / "config.yaml"
+            path.write_text(yaml.safe_dump(config))
+            proxies[start] = (start_proxy(path), f"http://127.0.0.1:{port}")
         failed = 0
+        summary: dict[str, list[tuple[float, float]]] = {start: [] for start in starts}
         try:
-            if not wait_ready(proxy, base, deadline):
-                print("the proxy did not start")
-                return 1
-            # warm-up: connections, caches, the grammar and toolset caches, the first kernels
-            upstream.program = STATIC
-            await phase(base, fast_request, 100, 10, deadline)
-            upstream.program = KERNEL
-            await phase(base, kernel_session, 20, 10, deadline)
-            wait_idle(base, deadline)
-            await asyncio.sleep(SESSION_TTL + 2)  # the warm-up's sessions expire and are purged
-            memory = [("after warm-up", rss_mib(proxy.pid))]
-            print(f"load against cablectl serve (pid {proxy.pid}), scripted upstream, loopback")
-            for round_ in (1, 2):
+            for start, (proxy, base) in proxies.items():
+                if not wait_ready(proxy, base, deadline):
+                    print(f"the proxy ({start}) did not start")
+                    return 1
+            memory: dict[str, list[tuple[str, float]]] = {}
+            for _, base in proxies.values():
+                # warm-up: connections, caches, the grammar and toolset caches, the first kernels
                 upstream.program = STATIC
-                cpu = cpu_seconds(proxy.pid)
-                fast, wall = await phase(base, fast_request, requests, 50, deadline)
-                print(fast.line(f"round {round_}: fast path, c=50", wall, requests, "requests"))
-                print(f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms")
+                await phase(base, fast_request, 100, 10, deadline)
                 upstream.program = KERNEL
-                cpu = cpu_seconds(proxy.pid)
-                kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
-                print(
-                    kernel.line(
-                        f"round {round_}: kernel path (3 requests each), c=20", wall, sessions, "sessions"
+                await phase(base, kernel_session, 20, 10, deadline)
+                wait_idle(base, deadline)
+            await asyncio.sleep(SESSION_TTL + 2)  # the warm-up's sessions expire and are purged
+            for start, (proxy, _) in proxies.items():
+                memory[start] = [("after warm-up", rss_mib(proxy.pid))]
+            print(
+                "load against cablectl serve, scripted upstream, loopback; kernels.start: "
+                + ", ".join(starts)
+            )
+            for round_ in (1, 2):
+                for start, (proxy, base) in proxies.items():
+                    upstream.program = STATIC
+                    cpu = cpu_seconds(proxy.pid)
+                    fast, wall = await phase(base, fast_request, requests, 50, deadline)
+                    print(fast.line(f"round {round_} {start}: fast path, c=50", wall, requests, "requests"))
+                    print(
+                        f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms"
                     )
-                )
-                print(
-                    f"    proxy CPU per session {(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms "
-                    "(kernel processes not included)"
-                )
-                for tally in (fast, kernel):
-                    failed += len(tally.errors)
-                    for error in tally.errors[:5]:
-                        print(f"    error: {error}")
-                idle = wait_idle(base, deadline)
+                    upstream.program = KERNEL
+                    cpu = cpu_seconds(proxy.pid)
+                    kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
+                    print(
+                        kernel.line(
+                            f"round {round_} {start}: kernel path (3 requests each), c=20",
+                            wall,
+                            sessions,
+                            "sessions",
+                        )
+                    )
+                    print(
+                        f"    first step (takes a kernel) p50 {pct(kernel.first, 0.5):.1f} ms  "
+                        f"p99 {pct(kernel.first, 0.99):.1f} ms;  proxy CPU per session "
+                        f"{(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms (kernel processes not included)"
+                    )
+                    summary[start].append((sessions / wall, pct(kernel.first, 0.99)))
+                    for tally in (fast, kernel):
+                        failed += len(tally.errors)
+                        for error in tally.errors[:5]:
+                            print(f"    error: {error}")
+                    idle = wait_idle(base, deadline)
+                    print(f"    pool after sessions idled out: {idle}")
+                    if idle.get('cablectl_kernels{state="busy"}', 1) != 0:
+                        print("    the pool did not return to idle")
+                        failed += 1
                 await asyncio.sleep(SESSION_TTL + 2)
-                memory.append((f"after round {round_}", rss_mib(proxy.pid)))
-                print(f"    pool after sessions idled out: {idle}")
-                if idle.get('cablectl_kernels{state="busy"}', 1) != 0:
-                    print("    the pool did not return to idle")
-                    failed += 1
-            print("  proxy RSS: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in memory))
-            growth = memory[2][1] - memory[1][1]
-            print(f"  RSS growth from round 1 to round 2: {growth:+.1f} MiB ({growth / memory[1][1]:+.1%})")
+                for start, (proxy, _) in proxies.items():
+                    memory[start].append((f"after round {round_}", rss_mib(proxy.pid)))
+            for start in starts:
+                rounds = memory[start]
+                print(f"  proxy RSS ({start}): " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in rounds))
+                growth = rounds[2][1] - rounds[1][1]
+                print(
+                    f"  RSS growth from round 1 to round 2 ({start}): {growth:+.1f} MiB ({growth / rounds[1][1]:+.1%})"
+                )
+            if "fork" in summary and "spawn" in summary:
+                rate = {s: max(r for r, _ in v) for s, v in summary.items()}
+                first = {s: max(p for _, p in v) for s, v in summary.items()}
+                print(
+                    f"  kernel path at c=20: fork {rate['fork']:.1f} sessions/s vs spawn {rate['spawn']:.1f} "
+                    f"({rate['fork'] / rate['spawn']:.1f}x; target >= 4x); first step p99 fork "
+                    f"{first['fork']:.0f} ms vs spawn {first['spawn']:.0f} ms (target: fork <= 1000 ms)"
+                )
         finally:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            for proxy, _ in proxies.values():
+                proxy.send_signal(signal.SIGTERM)
+            for proxy, _ in proxies.values():
+                try:
+                    proxy.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proxy.kill()
     print(f"errors: {failed}")
     return 1 if failed else 0
 
@@ -248,6 +296,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=200)
-    parser.add_argument("--max-seconds", type=float, default=900)
+    parser.add_argument("--max-seconds", type=float, default=1800)
+    parser.add_argument("--starts", default="fork,spawn", help="kernels.start modes, one proxy each")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.requests, args.sessions, args.max_seconds)))
+    sys.exit(asyncio.run(main(args.requests, args.sessions, args.max_seconds, args.starts.split(","))))

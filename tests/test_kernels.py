@@ -390,3 +390,75 @@ async def test_gateway_kernels_back_channel_and_limits(
     async with httpx.AsyncClient() as client:  # every kernel the pool created is gone from the gateway
         for kernel_id in provider.started_ids:
             assert (await client.get(f"{kernel_gateway}/api/kernels/{kernel_id}")).status_code == 404
+
+
+HOLDER = """
+import asyncio, sys
+from proxy.kernels.local import LocalKernelProvider
+from proxy.kernels.sandbox import Bubblewrap
+
+async def main():
+    sandbox = Bubblewrap.find() if sys.argv[1] == "bwrap" else None
+    provider = LocalKernelProvider(sandbox=sandbox, start=sys.argv[2], network=False)
+    kernels = [await provider.start_kernel() for _ in range(2)]
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (by parent links in /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_no_kernel_outlives_a_killed_proxy(sandbox: Bubblewrap | None, start: str) -> None:
+    """SIGKILL to the process holding kernels (no cleanup runs): its fork server, kernels and
+    sandboxes all go with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, "bwrap" if sandbox else "none", start],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        start_new_session=False,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        below = descendants(proc.pid)
+        # two kernels: processes (a fork server, keepers, kernels, sandboxes) well beyond one
+        assert len(below) >= 2
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(running(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in below if running(pid)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -355,3 +355,51 @@ def test_a_killed_replicas_conversations_go_on_elsewhere_by_replay(cluster: Clus
     # exactly the victim's sessions were replayed, each once, because their owner was gone
     assert sum(replays.values()) == lost
     assert all("owner_" in labels for labels in replays), replays
+
+
+def test_the_deploy_example_holds_together(tmp_path: Path) -> None:
+    """deploy/: the config loads (with Redis), HAProxy accepts its file, and compose's replicas
+    are the balancer's servers, each advertising its own address."""
+    from proxy.config import load_settings
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    settings = load_settings(deploy / "config.yaml", env={})
+    assert settings.sessions.redis_url and settings.server.host == "0.0.0.0"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    replicas = {
+        name: service["environment"]["CABLECTL_ADVERTISE_URL"]
+        for name, service in compose["services"].items()
+        if name.startswith("cablectl")
+    }
+    assert len(replicas) == 3 and len(set(replicas.values())) == 3
+    config = (deploy / "haproxy.cfg").read_text()
+    for name, url in replicas.items():
+        assert f"server {name} {url.removeprefix('http://')}" in config
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(haproxy):
+        if IN_CI:
+            pytest.fail("haproxy is not installed, and CI needs it: apt-get install haproxy")
+        pytest.skip("haproxy is not installed")
+    checked = subprocess.run(
+        [haproxy, "-c", "-f", str(deploy / "haproxy.cfg")], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_client_cannot_pass_for_a_replica(make_proxy: Any, upstream_url: str, redis_url: str) -> None:
+    """The forwarding header is for replicas: one that does not verify is a 403 in OpenAI's shape
+    (the request is not answered as if another replica had sent it)."""
+    from tests.conftest import upstream_models
+
+    proxy = make_proxy({"model_list": upstream_models(upstream_url), "sessions": {"redis_url": redis_url}})
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER}
+    for header in ("1.abc", f"{int(time.time())}.{'0' * 64}", "nonsense", ""):
+        reply = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json=body,
+            headers={"x-cablectl-forwarded": header},
+            timeout=30,
+        )
+        assert reply.status_code == 403, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "permission_error" and error["code"] == "bad_forwarding_signature"

@@ -61,7 +61,9 @@ class Runtime:
     kernel is gone; ``new_program``: a new program in a session whose kernel is gone) and its
     cause (``lost``: this replica's kernel died or was given back, or none holds the session;
     ``owner_gone``: the replica that held it is gone; ``owner_unreachable``: it is announced
-    but could not be reached). ``owners``: claims on sessions shared with other replicas."""
+    but could not be reached; ``owner_elsewhere``: a forwarded request for a session another
+    replica claimed meanwhile, answered here all the same: one hop only).
+    ``owners``: claims on sessions shared with other replicas."""
 
     def __init__(
         self,
