@@ -137,14 +137,16 @@ async def phase(base: str, job: Any, count: int, concurrency: int, deadline: flo
 
 
 def start_proxy(config: Path) -> subprocess.Popen[bytes]:
+    """``cablectl serve``; its log goes to ``proxy.log`` beside the config (printed on errors)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CABLECTL_", "OPENAI_"))}
-    return subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (config.parent / "proxy.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_ready(proxy: subprocess.Popen[bytes], base: str, deadline: float) -> bool:
@@ -255,6 +257,8 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         failed += len(tally.errors)
                         for error in tally.errors[:5]:
                             print(f"    error: {error}")
+                    if fast.errors or kernel.errors:
+                        print(f"    the proxy's log: {Path(str(proxy.args[-1])).parent / 'proxy.log'}")
                     idle = wait_idle(base, deadline)
                     print(f"    pool after sessions idled out: {idle}")
                     if idle.get('cablectl_kernels{state="busy"}', 1) != 0:

@@ -465,11 +465,13 @@ class LocalKernelProvider(KernelProvider):
             client = AsyncKernelClient()
             client.load_connection_info(info)
             kernel = ForkedKernel(client, server, kernel_id, pid, workdir, rundir)
+            names = [
+                f"ipc-{info[port]}" for port in ("shell_port", "iopub_port", "stdin_port", "control_port")
+            ]
             if inside is not None:
-                names = [
-                    f"ipc-{info[port]}" for port in ("shell_port", "iopub_port", "stdin_port", "control_port")
-                ]
                 await link_sockets(inside, rundir, names, kernel.is_alive, self.startup_timeout)
+            else:  # connect once they exist, not after ZeroMQ's first failed try
+                await link_sockets(rundir, rundir, names, kernel.is_alive, self.startup_timeout, link=False)
             await kernel.open(self.startup_timeout)
         except BaseException:
             if kernel is not None:

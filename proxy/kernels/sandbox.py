@@ -206,10 +206,17 @@ class Bubblewrap:
 
 
 async def link_sockets(
-    inside: Path, rundir: Path, names: list[str], alive: Callable[[], Awaitable[bool]], timeout: float
+    inside: Path,
+    rundir: Path,
+    names: list[str],
+    alive: Callable[[], Awaitable[bool]],
+    timeout: float,
+    link: bool = True,
 ) -> None:
     """Hard-link each socket ``names`` the kernel makes in ``inside`` into ``rundir`` as soon as
-    it exists (the proxy's connections find them there, and retry until then)."""
+    it exists (the proxy's connections find them there, and retry until then). ``link=False``:
+    only wait until they exist (ZeroMQ would otherwise retry a connection to a socket not made
+    yet only after its 100 ms reconnect interval)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pending = list(names)
@@ -221,7 +228,8 @@ async def link_sockets(
                 continue
             if not stat.S_ISSOCK(mode):
                 raise KernelDied(f"the kernel made {name} but not as a socket")
-            os.link(inside / name, rundir / name, follow_symlinks=False)
+            if link:
+                os.link(inside / name, rundir / name, follow_symlinks=False)
             pending.remove(name)
         if not pending:
             return
