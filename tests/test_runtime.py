@@ -1,0 +1,53 @@
+"""The runtime under pool pressure: idle sessions give their kernels back ahead of demand.
+
+Real ipykernels (forked or spawned, per --kernel-start), an in-process session store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import proxy.actions.runtime as runtime_module
+from proxy.actions.runtime import Runtime
+from proxy.kernels import ExecLimits, KernelPool
+from proxy.kernels.local import LocalKernelProvider
+from proxy.sessions import InMemorySessionStore
+from translators.tools import Toolset
+
+pytestmark = pytest.mark.anyio
+
+TOOLS = Toolset.from_openai(
+    [{"type": "function", "function": {"name": "echo", "parameters": {"type": "object", "properties": {}}}}]
+)
+
+
+async def test_a_full_pool_takes_back_idle_sessions_kernels_before_they_are_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime_module, "HEADROOM_IDLE_SECONDS", 3600.0)
+    provider = LocalKernelProvider(network=False)
+    pool = KernelPool(provider, min_idle=1, max_total=2, limits=ExecLimits(timeout=30))
+    runtime = Runtime(pool, InMemorySessionStore())
+    try:
+        async with pool:
+            await pool.wait_ready(1, timeout=60)
+            await runtime.kernel("old", TOOLS)
+            runtime.done("old")
+            await pool.wait_ready(1, timeout=60)
+            await runtime.kernel("new", TOOLS)  # the pool is full now, with nothing ready
+            assert pool.stats().idle + pool.stats().starting == 0
+            runtime.done("new")
+            await asyncio.sleep(0.05)
+            assert set(runtime.live) == {"old", "new"}  # neither idle long enough: nobody is given back
+            monkeypatch.setattr(runtime_module, "HEADROOM_IDLE_SECONDS", 0.0)
+            runtime.done("new")  # another request of "new" ends: "old" is the least recently used
+            for _ in range(100):
+                if pool.stats().idle + pool.stats().starting:
+                    break
+                await asyncio.sleep(0.05)
+            assert set(runtime.live) == {"new"}  # the least recently used idle session went
+            assert pool.stats().idle + pool.stats().starting == 1  # and a fresh kernel is on its way
+    finally:
+        await runtime.aclose()
+        await provider.aclose()
