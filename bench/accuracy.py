@@ -181,6 +181,9 @@ def main() -> int:
     parser.add_argument("--baseline-route", help="a code_actions: false route on the same model (remote)")
     parser.add_argument("--distractors", type=int, default=0, help="functions of other cases added to each")
     parser.add_argument("--affordance", type=int, default=0, help="also run with affordance.max_stubs K")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="code actions only (while iterating on the prompt)"
+    )
     args = parser.parse_args()
 
     import openai
@@ -190,7 +193,7 @@ def main() -> int:
     from tests.servers import UvicornThread
 
     check = _checker()
-    baseline = None if args.baseline_route else JsonBaseline(args.n_ctx)
+    baseline = None if args.baseline_route or args.no_baseline else JsonBaseline(args.n_ctx)
     settings = load_settings(args.config, env={})
     if args.config is None:  # the embedded model, with the same context as the baseline's
         routes = [
@@ -213,14 +216,15 @@ def main() -> int:
                 runs: list[tuple[str, Any]] = [("ca", lambda e: through_proxy(client, args.route, e))]
                 if args.affordance:
                     runs.append(("af", lambda e: through_proxy(aff, args.route, e)))
-                runs.append(
-                    (
-                        "js",
-                        (lambda e: through_proxy(client, args.baseline_route, e))
-                        if args.baseline_route
-                        else baseline,
+                if not args.no_baseline:
+                    runs.append(
+                        (
+                            "js",
+                            (lambda e: through_proxy(client, args.baseline_route, e))
+                            if args.baseline_route
+                            else baseline,
+                        )
                     )
-                )
                 for key, run in runs:
                     started = time.perf_counter()
                     output, tokens = run(entry)  # type: ignore[misc]
@@ -232,6 +236,12 @@ def main() -> int:
                     except Exception:  # the checker's own failure on an odd output: counted as wrong
                         valid = False
                     row[key].append(1.0 if valid else 0.0)
+                print(
+                    f"{category} {i + 1}/{len(chosen)}: "
+                    + " ".join(f"{k}={'ok' if row[k][-1] else 'x'}" for k, _ in runs),
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(
         f"BFCL accuracy, route {args.route!r}, first {args.cases} cases per category, temperature 0, bfcl-eval AST checker"
     )
