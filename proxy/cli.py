@@ -334,6 +334,9 @@ def _config_check(path: str, out: Console) -> int:
             ", ".join(settings.router_settings.fallbacks_for(entry.model_name)) or "-",
         )
     out.print(table)
+    for entry in settings.model_list:  # which grammar mode each route uses, and why
+        why = "{} ({})".format(*entry.grammar_choice) if entry.code_actions else "- (code_actions: false)"
+        out.print(f"grammar of {entry.model_name}: {why}", markup=False, highlight=False, soft_wrap=True)
     sessions = settings.sessions.redis_url or "in-process"
     kernels = settings.kernels.gateway_url or "local processes"
     tracing = "Langfuse at " + settings.tracing.langfuse.host if settings.tracing.langfuse else "off"

@@ -36,6 +36,8 @@ from proxy.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "GRAMMAR_MODES",
+    "GrammarMode",
     "KernelSettings",
     "KeyEntry",
     "LangfuseSettings",
@@ -66,6 +68,31 @@ DEFAULT_CONFIG: dict[str, Any] = {
             },
         }
     ],
+}
+
+
+GrammarMode = Literal["gbnf", "llguidance", "lark", "ebnf", "none"]
+
+# What each grammar mode sends, named after the servers that take it (the wire shapes, and
+# where each comes from in the servers' code, are in proxy.backends.base).
+GRAMMAR_MODES: dict[GrammarMode, str] = {
+    "gbnf": "GBNF in the grammar field (llama.cpp server, llama-cpp-python server)",
+    "llguidance": (
+        "Lark after a %llguidance {} line, in the grammar and ebnf fields "
+        "(llama.cpp built with LLAMA_LLGUIDANCE, SGLang with --grammar-backend llguidance)"
+    ),
+    "lark": "Lark in structured_outputs.grammar (vLLM with its guidance backend)",
+    "ebnf": "GBNF-style EBNF in structured_outputs.grammar (vLLM's default xgrammar backend)",
+    "none": "no grammar; replies are parsed and repaired (Ollama, LM Studio, hosted APIs)",
+}
+
+# auto on a route to a server: what its provider is known to take, said by config check
+_AUTO_HINTS = {
+    "hosted_vllm": "vLLM takes a grammar: set grammar: ebnf (xgrammar, its default) or lark (guidance)",
+    "ollama": "Ollama takes no grammar",
+    "ollama_chat": "Ollama takes no grammar",
+    "lm_studio": "LM Studio takes no grammar",
+    "llamafile": "a llamafile server is llama.cpp's: set grammar: gbnf to constrain it",
 }
 
 
@@ -107,7 +134,7 @@ class ModelEntry(BaseModel):
     transport: Literal["auto", "direct", "litellm", "local"] = "auto"
     # code actions: requests with tools are answered through the action loop unless off
     code_actions: bool = True
-    grammar: Literal["auto", "gbnf", "lark", "none"] = "auto"
+    grammar: Literal["auto", "gbnf", "llguidance", "lark", "ebnf", "none"] = "auto"
     max_steps: int = Field(default=8, ge=1, le=64)
     repair_attempts: int = Field(default=2, ge=0, le=8)
     toolsets: list[str] = Field(default_factory=list)  # server-side toolsets offered on this route
@@ -128,12 +155,36 @@ class ModelEntry(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _local_takes_gbnf(self) -> ModelEntry:
+        if self.resolved_transport == "local" and self.grammar not in ("auto", "gbnf", "none"):
+            raise ValueError(
+                f"model {self.model_name!r}: grammar: {self.grammar} is for servers that take it; "
+                "the in-process llama.cpp takes GBNF: use grammar: gbnf (or auto)"
+            )
+        return self
+
     @property
-    def grammar_mode(self) -> Literal["gbnf", "lark", "none"]:
+    def grammar_mode(self) -> GrammarMode:
         """auto: GBNF for in-process llama.cpp, parse-and-repair for everything else."""
+        return self.grammar_choice[0]
+
+    @property
+    def grammar_choice(self) -> tuple[GrammarMode, str]:
+        """The grammar mode this route uses, and why (for ``cablectl config check``)."""
         if self.grammar != "auto":
-            return self.grammar
-        return "gbnf" if self.resolved_transport == "local" else "none"
+            return self.grammar, f"set in config: {GRAMMAR_MODES[self.grammar]}"
+        transport = self.resolved_transport
+        if transport == "local":
+            return "gbnf", "auto: the in-process llama.cpp (transport local) takes GBNF"
+        provider = self.litellm_params.provider
+        hint = _AUTO_HINTS.get(
+            provider, "set grammar: gbnf, llguidance, lark or ebnf if its server takes a grammar"
+        )
+        return "none", (
+            f"auto: the {provider}/ upstream (transport {transport}) is sent no grammar; "
+            f"replies are parsed and repaired ({hint})"
+        )
 
     @property
     def resolved_transport(self) -> Literal["direct", "litellm", "local"]:

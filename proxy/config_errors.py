@@ -3,8 +3,8 @@
 ``describe(exc, text, source)`` turns a pydantic ``ValidationError`` over a YAML file
 into lines like::
 
-    config.yaml:5: model_list[0].grammar: Input should be 'auto', 'gbnf', 'lark' or 'none'
-      fix: use one of 'auto', 'gbnf', 'lark', 'none'
+    config.yaml:6: model_list[0].max_step: Extra inputs are not permitted
+      fix: did you mean 'max_steps'? remove or rename 'max_step' (this section does not take it)
 
 Line numbers come from the YAML node tree (``yaml.compose``), following the error's
 location as far as the file has it (a missing key points at its parent mapping).

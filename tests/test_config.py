@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from proxy.backends.base import GenerationRequest, Grammar
 from proxy.config import DEFAULT_CONFIG, ServerSettings, load_settings, resolve_env_refs
 from proxy.errors import ConfigError
+from proxy.schemas import ChatCompletionRequest
 from tests.conftest import settings_from, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +81,19 @@ def test_missing_env_reference_names_variable_and_place() -> None:
             "server.port",
             id="bad-port",
         ),
+        pytest.param(
+            {
+                "model_list": [
+                    {
+                        "model_name": "a",
+                        "litellm_params": {"model": "llama_cpp/x", "model_path": "/m.gguf"},
+                        "grammar": "lark",
+                    }
+                ]
+            },
+            "grammar: lark is for servers that take it; the in-process llama.cpp takes GBNF: use grammar: gbnf",
+            id="local-takes-gbnf-only",
+        ),
     ],
 )
 def test_invalid_configs_are_explained(tmp_path: Path, config: dict[str, Any], needle: str) -> None:
@@ -122,8 +137,9 @@ def test_every_problem_names_its_line_and_fix(tmp_path: Path) -> None:
     assert info.value.message.splitlines()[1:] == [
         f"  {path}:8: server.port: Input should be a valid integer, unable to parse string as an integer",
         "    fix: write a number (no quotes, no units)",
-        f"  {path}:5: model_list[0].grammar: Input should be 'auto', 'gbnf', 'lark' or 'none'",
-        "    fix: use one of 'auto', 'gbnf', 'lark' or 'none'",
+        f"  {path}:5: model_list[0].grammar: Input should be 'auto', 'gbnf', 'llguidance', 'lark', "
+        "'ebnf' or 'none'",
+        "    fix: use one of 'auto', 'gbnf', 'llguidance', 'lark', 'ebnf' or 'none'",
         f"  {path}:6: model_list[0].max_step: Extra inputs are not permitted",
         "    fix: did you mean 'max_steps'? remove or rename 'max_step' (this section does not take it)",
         f"  {path}:10: kernels.max_total: Input should be greater than or equal to 1",
@@ -174,6 +190,63 @@ def test_transport_resolution(tmp_path: Path, params: dict[str, Any], transport:
         tmp_path, {"model_list": [{"model_name": "m", "litellm_params": params, "transport": transport}]}
     )
     assert settings.model_list[0].resolved_transport == expected
+
+
+@pytest.mark.parametrize(
+    ("grammar", "params", "mode"),
+    [
+        pytest.param("auto", {"model": "llama_cpp/x", "model_path": "/m.gguf"}, "gbnf", id="auto-local"),
+        pytest.param("auto", {"model": "openai/gpt-4o"}, "none", id="auto-server"),
+        pytest.param("auto", {"model": "hosted_vllm/q", "api_base": "http://x/v1"}, "none", id="auto-vllm"),
+        pytest.param("gbnf", {"model": "openai/m", "api_base": "http://x/v1"}, "gbnf", id="llama-server"),
+        pytest.param(
+            "llguidance", {"model": "openai/m", "api_base": "http://x/v1"}, "llguidance", id="sglang"
+        ),
+        pytest.param(
+            "lark", {"model": "hosted_vllm/q", "api_base": "http://x/v1"}, "lark", id="vllm-guidance"
+        ),
+        pytest.param(
+            "ebnf", {"model": "hosted_vllm/q", "api_base": "http://x/v1"}, "ebnf", id="vllm-xgrammar"
+        ),
+        pytest.param("none", {"model": "llama_cpp/x", "model_path": "/m.gguf"}, "none", id="local-off"),
+    ],
+)
+def test_grammar_modes(tmp_path: Path, grammar: str, params: dict[str, Any], mode: str) -> None:
+    entry = {"model_name": "m", "litellm_params": params, "grammar": grammar}
+    route = settings_from(tmp_path, {"model_list": [entry]}).model_list[0]
+    assert route.grammar_mode == mode
+    assert route.grammar_choice[1].startswith("auto: " if grammar == "auto" else "set in config: ")
+
+
+@pytest.mark.parametrize(
+    ("mode", "fields"),
+    [
+        pytest.param("gbnf", {"grammar": "G"}, id="llama.cpp"),
+        pytest.param(
+            "llguidance", {"grammar": "%llguidance {}\nG", "ebnf": "%llguidance {}\nG"}, id="llguidance"
+        ),
+        pytest.param("lark", {"structured_outputs": {"grammar": "G"}}, id="vllm-guidance"),
+        pytest.param("ebnf", {"structured_outputs": {"grammar": "G"}}, id="vllm-xgrammar"),
+    ],
+)
+def test_what_each_grammar_mode_sends(mode: Any, fields: dict[str, Any]) -> None:
+    """The request body a route of each mode sends (the grammar text stands in as "G")."""
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    payload = {"model": "m", "messages": [], "temperature": 0, "tools": [], "stream": False}
+    job = GenerationRequest([{"role": "user", "content": "hi"}], request, payload, Grammar(mode, "G"))
+    assert job.chat_body() == {
+        "model": "m",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "hi"}],
+        **fields,
+    }
+    assert GenerationRequest(job.messages, request, payload).chat_body().keys() == {
+        "model",
+        "temperature",
+        "messages",
+    }
 
 
 def test_router_settings_fallbacks(tmp_path: Path) -> None:

@@ -1,12 +1,34 @@
 """A real llama.cpp-backed server behind the proxy: llama-cpp-python's own OpenAI-compatible
-server (``python -m llama_cpp.server``) with the embedded SmolLM2, reached by an ``openai/``
-route with ``api_base`` and ``grammar: gbnf``: the proxy sends its GBNF grammar in the
-``grammar`` field, the server constrains generation with it, and what comes back is calls.
+server (``python -m llama_cpp.server``) with the embedded SmolLM2, reached by ``openai/``
+routes with ``api_base``:
+
+- ``served`` (``grammar: gbnf``): the proxy sends its GBNF grammar in the ``grammar`` field,
+  the server constrains generation with it, and what comes back is calls. The grammar admits
+  only call-only programs, so these take the fast path; kernel programs come from the routes
+  below, where the model writes freely;
+- ``ignored`` (``grammar: lark``): the grammar goes in ``structured_outputs``, a field this
+  server does not read, so it generates unconstrained and answers 200: the proxy sees the
+  reply is outside the grammar (fail-open), logs it once, counts it and judges the reply as
+  with ``grammar: none`` (repairs included);
+- ``plain`` (``grammar: none``): what an Ollama-style server gets, no grammar field at all;
+  replies are parsed and repaired.
+
+What SmolLM2-135M does unconstrained, at temperature 0 on this server: asked for the weather
+with tool_choice required it writes prose, and cannot fix that when told (the repair fails,
+502); asked to compare two cities it writes a multi-line program (a helper function, a call,
+prints) that runs in the kernel. ``max_steps: 1`` ends the turn after that program.
+
+Sending llama-cpp-python's server a grammar it cannot parse (e.g. ``%llguidance`` Lark) does not
+fail open: the process dies (llama_sampler_init_grammar returns NULL and the sampler chain
+takes it), so that is not a case here.
 
 The server runs as its own process, started by the test on a free port."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -17,10 +39,14 @@ import httpx
 import openai
 import pytest
 
+from proxy.actions.loop import OUT_OF_STEPS
 from proxy.backends.local import resolve_model_path
 from tests.conftest import ProxyFactory
 from tests.servers import UvicornThread, free_port
 from tests.test_actions import WEATHER
+
+# a real model on two shared cores: generous, so a busy machine is not a failure
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +85,51 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def proxy(make_proxy: ProxyFactory, llama_server: str) -> UvicornThread:
-    route = {
-        "model_name": "served",
-        "litellm_params": {"model": "openai/smollm2", "api_base": llama_server + "/v1", "timeout": 120},
-        "grammar": "gbnf",
-        "repair_attempts": 0,  # what comes back must be the grammar's doing
-    }
-    return make_proxy({"model_list": [route], "kernels": {"min_idle": 0, "max_total": 2}})
+    params = {"model": "openai/smollm2", "api_base": llama_server + "/v1", "timeout": 120}
+    routes = [
+        # what comes back must be the grammar's doing
+        {"model_name": "served", "litellm_params": params, "grammar": "gbnf", "repair_attempts": 0},
+        {
+            "model_name": "ignored",
+            "litellm_params": params,
+            "grammar": "lark",
+            "repair_attempts": 1,
+            "max_steps": 1,
+        },
+        {
+            "model_name": "plain",
+            "litellm_params": params,
+            "grammar": "none",
+            "repair_attempts": 1,
+            "max_steps": 1,
+        },
+    ]
+    return make_proxy({"model_list": routes, "kernels": {"min_idle": 0, "max_total": 2}})
+
+
+def metric(proxy: UvicornThread, name: str, **labels: str) -> float:
+    """One sample of the proxy's /metrics (0 when it has not been counted yet)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in httpx.get(proxy.url + "/metrics").text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def cells(proxy: UvicornThread, session_id: str) -> list[dict[str, Any]]:
+    store = proxy.server.config.app.state.store
+    return [e for e in asyncio.run(store.events(session_id)) if e.get("kind") == "cell_end"]
+
+
+COMPARE: dict[str, Any] = {
+    "messages": [
+        {"role": "user", "content": "Compare the weather in Paris and Oslo: print which is warmer."}
+    ],
+    "tools": WEATHER,
+    "temperature": 0,
+    "max_tokens": 256,
+}
 
 
 REQUIRED: dict[str, Any] = {
@@ -100,3 +164,62 @@ def test_the_server_keeps_to_the_grammar_and_the_client_gets_calls(proxy: Uvicor
         assert plain.choices[0].message.content  # no tools: passed through to the server as it is
     metrics = httpx.get(proxy.url + "/metrics").text
     assert 'cablectl_grammar_ignored_total{model="served"}' not in metrics  # it kept to the grammar
+
+
+def test_a_server_that_ignores_the_grammar_is_detected_and_its_replies_judged_like_none(
+    proxy: UvicornThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama-cpp-python's server does not read structured_outputs: it fails open (200,
+    unconstrained). Each reply outside the grammar is counted; the route is logged once; the
+    replies are then judged (and repaired) as with grammar: none."""
+    caplog.set_level(logging.WARNING, logger="cablectl.actions")
+    ignored = metric(proxy, "cablectl_grammar_ignored_total", model="ignored")
+    failed = metric(proxy, "cablectl_grammar_repairs_total", model="ignored", outcome="failed")
+    kernels = metric(proxy, "cablectl_actions_total", path="kernel")
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+        # prose where the grammar wants a call, twice (the repair does not help this model)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(**{**REQUIRED, "model": "ignored", "max_tokens": 128})
+        assert info.value.status_code == 502
+        assert info.value.code == "invalid_model_output" and "must call a function" in info.value.message
+        assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 2
+        assert (
+            metric(proxy, "cablectl_grammar_repairs_total", model="ignored", outcome="failed") == failed + 1
+        )
+
+        # a program the call-only grammar would never let through: judged as unconstrained
+        # output, it is a kernel program, and it runs
+        raw = client.chat.completions.with_raw_response.create(model="ignored", **COMPARE)
+        result = raw.parse()
+    assert OUT_OF_STEPS in (result.choices[0].message.content or "")
+    assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 3
+    assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 1
+    [cell] = cells(proxy, raw.headers["x-cablectl-session-id"])
+    assert cell["error"] is None and cell["output"].strip()  # the program printed its comparison
+    warnings = [r.getMessage() for r in caplog.records if "answered outside it" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per route, not once per reply
+    assert "model ignored" in warnings[0] and "server: uvicorn" in warnings[0]
+    assert "sent a lark grammar" in warnings[0]
+
+
+def test_the_none_path_sends_no_grammar_and_runs_the_program(proxy: UvicornThread) -> None:
+    """What an Ollama-style server gets: no grammar field; the reply is parsed, and the
+    model's program runs in the kernel, JSON and streamed alike."""
+    generations = metric(proxy, "cablectl_generations_total", model="plain", grammar="none")
+    kernels = metric(proxy, "cablectl_actions_total", path="kernel")
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+        raw = client.chat.completions.with_raw_response.create(model="plain", **COMPARE)
+        result = raw.parse()
+        assert OUT_OF_STEPS in (result.choices[0].message.content or "")
+        [cell] = cells(proxy, raw.headers["x-cablectl-session-id"])
+        assert cell["error"] is None and cell["output"].strip()
+
+        # (the model wrote on past its code block up to max_tokens: the finish reason is
+        # "length", which the SDK's stream helper refuses, so the chunks are read as they come)
+        chunks = list(client.chat.completions.create(model="plain", stream=True, **COMPARE))
+        content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(content) > 1  # content arrived in pieces
+        assert "".join(content) == result.choices[0].message.content
+    assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 2
+    assert metric(proxy, "cablectl_generations_total", model="plain", grammar="none") == generations + 2
+    assert metric(proxy, "cablectl_grammar_ignored_total", model="plain") == 0  # nothing was sent to keep

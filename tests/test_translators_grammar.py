@@ -223,7 +223,7 @@ def test_tool_choice_normalization() -> None:
         pytest.param(r"\d{2,4}", "([0-9]){2,4}", id="digit-range"),
         pytest.param(r'"(?:[^"\\]|\\.)*"', r'"\"" (([^"\\] | "\\" [^\n]))* "\""', id="string"),
         pytest.param(r"ab|c?", r'("ab" | ("c")?)', id="branch"),
-        pytest.param(r"\s[^\]\-]", r"[ \t\n\r\x0B\x0C] [^\]\-]", id="escapes-in-class"),
+        pytest.param(r"\s[^\]\-]", r"[ \t\n\r\u000B\u000C] [^\]\-]", id="escapes-in-class"),
     ],
 )
 def test_regex_to_gbnf(pattern: str, gbnf: str) -> None:
@@ -234,6 +234,14 @@ def test_regex_to_gbnf(pattern: str, gbnf: str) -> None:
 def test_regex_without_gbnf_form(pattern: str) -> None:
     with pytest.raises(GrammarError):
         regex_to_gbnf(pattern)
+
+
+def test_control_characters_read_the_same_in_gbnf_and_xgrammar_ebnf(llm: Llama) -> None:
+    """A control character before a hex digit: ``\\x01A`` is two characters to llama.cpp but
+    U+01A to xgrammar (its ``\\x`` takes every hex digit); ``\\u0001`` is one to both."""
+    gbnf = regex_to_gbnf("\x01A[\x02B]")
+    assert gbnf == '"\\u0001A" [\\u0002B]'
+    assert llama_accepts(llm, f"root ::= {gbnf}\n")
 
 
 @pytest.mark.parametrize("category", CATEGORIES)

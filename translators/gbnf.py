@@ -12,6 +12,11 @@ rules); this module writes those rules as GBNF:
   groups, alternation, ``*``/``+``/``?``/``{m,n}``); lookarounds, backreferences
   and flags are refused with a ``GrammarError``;
 - only rules reachable from the start rule are written.
+
+The output is also the EBNF xgrammar reads (vLLM's default structured-output backend, the
+``ebnf`` grammar mode): its parser takes GBNF's names, literals, classes and repetitions.
+Control characters are written ``\\uXXXX``, which both read the same way (xgrammar's ``\\x``
+takes every hex digit that follows, llama.cpp's exactly two).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def _char(c: str, in_class: bool) -> str:
     if (in_class and c in _CLASS_SPECIAL) or (not in_class and c == '"'):
         return "\\" + c
     if code < 0x20 or code == 0x7F:
-        return f"\\x{code:02X}"
+        return f"\\u{code:04X}"  # exactly 4 digits: xgrammar reads \\x with as many as follow
     return c
 
 
@@ -70,7 +75,7 @@ def _class_items(items: list[tuple[Any, Any]]) -> tuple[bool, str]:
             if av is sre_c.CATEGORY_DIGIT:
                 parts.append("0-9")
             elif av is sre_c.CATEGORY_SPACE:
-                parts.append(" \\t\\n\\r\\x0B\\x0C")
+                parts.append(" \\t\\n\\r\\u000B\\u000C")
             elif av is sre_c.CATEGORY_WORD:
                 parts.append("a-zA-Z0-9_")
             else:

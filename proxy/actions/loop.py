@@ -155,7 +155,8 @@ class ActionLoop:
             if len(self._grammars) > 512:
                 self._grammars.pop(next(iter(self._grammars)))
         lark, gbnf = self._grammars[key]
-        return Grammar("lark", lark) if mode == "lark" else Grammar("gbnf", gbnf)
+        # gbnf and ebnf (xgrammar's EBNF reads GBNF) send the conversion, the others Lark
+        return Grammar(mode, gbnf if mode in ("gbnf", "ebnf") else lark)
 
     def _session_of(self, messages: list[Message]) -> str | None:
         for message in reversed(messages):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +34,8 @@ from proxy.errors import (
 from proxy.schemas import ChatCompletionRequest
 
 __all__ = [
+    "GRAMMAR_FIELDS",
+    "LLGUIDANCE_LINE",
     "Generation",
     "GenerationRequest",
     "Grammar",
@@ -56,10 +58,44 @@ class SSEStream(abc.ABC):
 
 @dataclass(frozen=True, slots=True)
 class Grammar:
-    """The request's grammar in the dialect the route sends (``mode``)."""
+    """The request's grammar in the dialect the route sends: GBNF for ``gbnf`` and ``ebnf``,
+    Lark for ``lark`` and ``llguidance`` (``mode``, as in config's ``grammar``)."""
 
-    mode: Literal["gbnf", "lark"]
+    mode: Literal["gbnf", "llguidance", "lark", "ebnf"]
     text: str
+
+
+# llama.cpp hands a grammar to llguidance (as Lark) only when it starts with this line
+LLGUIDANCE_LINE = "%llguidance {}\n"
+
+# mode -> the request fields that carry the grammar, as each kind of server reads them
+GRAMMAR_FIELDS: dict[str, Callable[[str], dict[str, Any]]] = {
+    # llama.cpp's server reads "grammar" (tools/server: params_from_json_cmpl, also on
+    # /v1/chat/completions) as GBNF with root rule "root" (common/sampling.cpp:
+    # llama_sampler_init_grammar); llama-cpp-python's server has the same field
+    # (llama_cpp/server/types.py CreateChatCompletionRequest.grammar -> LlamaGrammar)
+    "gbnf": lambda text: {"grammar": text},
+    # llama.cpp built with -DLLAMA_LLGUIDANCE=ON: common/sampling.cpp gives a "grammar" whose
+    # first 11 characters are "%llguidance" to llama_sampler_init_llg(vocab, "lark", ...);
+    # a build without it aborts (GGML_ABORT) on such a grammar. SGLang reads "ebnf"
+    # (entrypoints/openai/protocol.py) and, with --grammar-backend llguidance, compiles it
+    # with llguidance.grammar_from("ebnf", ...), which keeps text that starts with
+    # "%llguidance" or "start:" as Lark (llguidance/gbnf_to_lark.py is_lark_syntax). Each
+    # server ignores the other's field (llama.cpp reads known keys; SGLang's pydantic
+    # request ignores extra ones).
+    "llguidance": lambda text: {"grammar": LLGUIDANCE_LINE + text, "ebnf": LLGUIDANCE_LINE + text},
+    # vLLM (>= 0.10.2; guided_grammar before): ChatCompletionRequest.structured_outputs
+    # (StructuredOutputsParams.grammar). Its guidance backend compiles it with
+    # llguidance.grammar_from("grammar", ...) (v1/structured_output/backend_guidance.py),
+    # Lark as it is
+    "lark": lambda text: {"structured_outputs": {"grammar": text}},
+    # the same field, for vLLM's default xgrammar backend: a grammar with a "::=" line is
+    # not "likely Lark" (v1/structured_output/utils.py grammar_is_likely_lark), so it goes
+    # to xgr.Grammar.from_ebnf / compile_grammar as it is; xgrammar's EBNF reads GBNF.
+    # Lark there would go through convert_lark_to_ebnf (vLLM with xgrammar < 0.2.5), which
+    # leaves /regex/ terminals in place, and xgrammar refuses them
+    "ebnf": lambda text: {"structured_outputs": {"grammar": text}},
+}
 
 
 # what the upstream must not see when it is asked for a code action
@@ -90,10 +126,8 @@ class GenerationRequest:
         """The chat-completions body an OpenAI-compatible upstream gets (streamed)."""
         body = {k: v for k, v in self.payload.items() if k not in _NOT_FORWARDED}
         body["messages"] = self.messages
-        if self.grammar is not None and self.grammar.mode == "lark":
-            body["structured_outputs"] = {"grammar": self.grammar.text}  # vLLM / SGLang
-        elif self.grammar is not None:
-            body["grammar"] = self.grammar.text  # a llama.cpp server
+        if self.grammar is not None:
+            body.update(GRAMMAR_FIELDS[self.grammar.mode](self.grammar.text))
         return body
 
 
