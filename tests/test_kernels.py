@@ -86,6 +86,14 @@ def processes_under(root: Path) -> list[int]:
     return found
 
 
+def gone_within(root: Path, seconds: float) -> bool:
+    """Whether every process naming a path under ``root`` ends within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while processes_under(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return processes_under(root) == []
+
+
 def assert_reaped(provider: LocalKernelProvider) -> None:
     assert provider.started_pids, "no kernel was started"
     deadline = time.monotonic() + 10
@@ -258,6 +266,25 @@ async def test_sessions_are_isolated_even_after_reuse(sandbox: Bubblewrap | None
             assert (in_globals, has_file) == ("False", "False") and cwd != a_dir
             await pool.release(b)
         assert not await asyncio.to_thread(Path(a_dir).exists)  # A's working directory went with its kernel
+
+
+async def test_a_start_cancelled_at_any_moment_leaves_nothing(sandbox: Bubblewrap | None) -> None:
+    """A kernel start cancelled at any moment (a pool closing, a client gone) leaves no process
+    behind: a fork server's keeper killed while bwrap was still making the sandbox once left
+    bwrap's sandbox side waiting forever for its other half (bwrap arms its death signal after)."""
+    provider = LocalKernelProvider(sandbox=sandbox)
+    try:
+        await (await provider.start_kernel()).shutdown()  # the fork server is up from here on
+        for delay in [i * 0.0005 for i in range(60)]:
+            start = asyncio.create_task(provider.start_kernel())
+            await asyncio.sleep(delay)
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await (await start).shutdown()  # it was ready before the cancel
+            assert await asyncio.to_thread(gone_within, provider.root, 10.0)
+    finally:
+        await provider.aclose()
+    assert_reaped(provider)
 
 
 async def test_environment_is_scrubbed(sandbox: Bubblewrap | None, monkeypatch: pytest.MonkeyPatch) -> None:

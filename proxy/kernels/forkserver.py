@@ -21,11 +21,15 @@ every capability, sets no-new-privileges and becomes ipykernel. The keeper only 
 kernel ends it kills the sandbox, and killing the keeper ends both (death signals, and bwrap's
 ``--die-with-parent``). Without a sandbox, the child itself is the kernel (in a network namespace
 of its own if asked). Every process here dies with its parent: the server with the proxy, the
-children with the server.
+children with the server. Each child leads a process group, and the server kills the whole group
+(kill, shutdown, or the child's own end) before it reaps the child: bwrap arms its death signal
+only once the sandbox is made, so a keeper killed while bwrap was still making it would leave
+bwrap's sandbox side waiting forever for its other half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import gc
@@ -107,6 +111,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL a child of the server and its process group: a keeper, its bwrap (both of bwrap's
+    processes, until the sandbox's own calls setsid) and a kernel not yet in a session of its
+    own. ``pid`` must not be reaped yet, so that neither the PID nor the group is anyone else's."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # not a group leader yet (it has not run setpgid and neither have we)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _set_title(args: list[str]) -> None:
     """This process's command line as ``ps`` and ``/proc/<pid>/cmdline`` show it: written over
     the arguments area the server was started with (padded for this), as setproctitle does. A
@@ -177,7 +192,8 @@ def _unshare_network() -> None:
 
 def _become_kernel(req: dict[str, Any]) -> None:
     """Limits, environment, working directory, fresh random state; then ipykernel (never returns)."""
-    os.setsid()
+    with contextlib.suppress(PermissionError):  # a group leader already (unsandboxed: it is
+        os.setsid()  # the server's child, in a group of its own), and that is what it needs
     memory, cpu, files = (int(x) for x in req["limits"])
     if memory:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
@@ -256,6 +272,7 @@ def _child(req: dict[str, Any], server: int) -> None:
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    os.setpgid(0, 0)  # a group of its own (the server sets it too): bwrap's processes join it
     _die_with_parent(server)
     _quiet_fds()
     try:
@@ -306,12 +323,16 @@ def main() -> None:
             if key.data == "children":
                 os.read(wake_r, 4096)
                 while children:
-                    try:
-                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    try:  # see which child ended, without reaping it yet
+                        ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                     except ChildProcessError:
                         break
-                    if pid == 0:
+                    if ended is None:
                         break
+                    # its group goes with it while the PID is still ours (not reaped): a
+                    # keeper's bwrap, stuck before the sandbox is made, would wait forever
+                    _kill_group(ended.si_pid)
+                    pid, status = os.waitpid(ended.si_pid, 0)
                     kernel_id = children.pop(pid, None)
                     if kernel_id is not None:
                         by_id.pop(kernel_id, None)
@@ -320,7 +341,7 @@ def main() -> None:
             chunk = os.read(0, 65536)
             if not chunk:  # the proxy closed the pipe: it is going away, and so are its kernels
                 for pid in children:
-                    os.kill(pid, signal.SIGKILL)
+                    _kill_group(pid)
                 os._exit(0)
             pending += chunk
             *lines, pending = pending.split(b"\n")
@@ -329,7 +350,7 @@ def main() -> None:
                 if req["op"] == "kill":
                     victim = by_id.get(str(req["id"]))
                     if victim is not None:  # not reaped yet, so the PID is still ours
-                        os.kill(victim, signal.SIGKILL)
+                        _kill_group(victim)
                     continue
                 try:
                     pid = os.fork()
@@ -338,6 +359,8 @@ def main() -> None:
                     continue
                 if pid == 0:
                     _child(req, server)
+                with contextlib.suppress(OSError):  # as the child does: whichever runs first
+                    os.setpgid(pid, pid)
                 children[pid] = str(req["id"])
                 by_id[str(req["id"])] = pid
                 _send({"id": req["id"], "pid": pid})
