@@ -18,6 +18,15 @@ with tool_choice required it writes prose, and cannot fix that when told (the re
 502); asked to compare two cities it writes a multi-line program (a helper function, a call,
 prints) that runs in the kernel. ``max_steps: 1`` ends the turn after that program.
 
+So the fail-open case here shows detection and a repair that fails, not one that succeeds: none
+was found for this model. A search of about 130 conversations (weather and email tools, the first
+83 BFCL simple_python cases, follow-ups after a call in the history; tool_choice auto and
+required) with about 320 re-asks, under 19 wordings of the repair message (the expected call
+form shown, an example reply, the bad reply left out of the history), gave no usable call: asked
+again, the model repeats its first reply or defines the tool itself. After a call in the history
+it copies the observation line into its block (``get_weather(city='Oslo') -> {...}``) and stops
+without closing it.
+
 Sending llama-cpp-python's server a grammar it cannot parse (e.g. ``%llguidance`` Lark) does not
 fail open: the process dies (llama_sampler_init_grammar returns NULL and the sampler chain
 takes it), so that is not a case here.
