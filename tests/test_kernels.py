@@ -86,21 +86,18 @@ def processes_under(root: Path) -> list[int]:
     return found
 
 
-def gone_within(root: Path, seconds: float) -> bool:
-    """Whether every process naming a path under ``root`` ends within ``seconds``."""
+def gone_within(root: Path, seconds: float, pids: list[int] | None = None) -> bool:
+    """Whether every process naming a path under ``root`` (and each of ``pids``) ends within
+    ``seconds``."""
     deadline = time.monotonic() + seconds
-    while processes_under(root) and time.monotonic() < deadline:
+    while (any(alive(p) for p in pids or []) or processes_under(root)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return processes_under(root) == []
+    return not any(alive(p) for p in pids or []) and processes_under(root) == []
 
 
 def assert_reaped(provider: LocalKernelProvider) -> None:
     assert provider.started_pids, "no kernel was started"
-    deadline = time.monotonic() + 10
-    while (any(alive(p) for p in provider.started_pids) or processes_under(provider.root)) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
+    gone_within(provider.root, 10, provider.started_pids)
     assert [p for p in provider.started_pids if alive(p)] == []
     assert processes_under(provider.root) == []  # nothing inside a sandbox either
 
