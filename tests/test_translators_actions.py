@@ -121,6 +121,67 @@ def test_call_errors_are_precise(source: str, message: str) -> None:
     assert message in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        pytest.param(
+            "def get_weather(city):\n    return 1\nget_weather('x')", "get_weather (line 1)", id="def"
+        ),
+        pytest.param(
+            "get_weather = lambda c: 1\nprint(get_weather('x'))", "get_weather (line 1)", id="lambda"
+        ),
+        pytest.param("import json as get_weather", "get_weather (line 1)", id="import-as"),
+        pytest.param("from os import path as spotify_play", "spotify_play (line 1)", id="from-import-as"),
+        pytest.param(
+            "for get_weather in [print]:\n    get_weather(city='x')", "get_weather (line 1)", id="for-target"
+        ),
+        pytest.param(
+            "def f():\n    get_weather = print\n    get_weather(city='x')\nf()",
+            "get_weather (line 2)",
+            id="local-in-a-function",
+        ),
+        pytest.param(
+            "def f(get_weather):\n    return get_weather(city='x')", "get_weather (line 1)", id="param"
+        ),
+        pytest.param("class get_weather:\n    pass", "get_weather (line 1)", id="class"),
+        pytest.param("[get_weather for get_weather in 'ab']", "get_weather (line 1)", id="comprehension"),
+        pytest.param("if (get_weather := len):\n    pass", "get_weather (line 1)", id="walrus"),
+        pytest.param("with open('f') as get_weather:\n    pass", "get_weather (line 1)", id="with-as"),
+        pytest.param(
+            "try:\n    pass\nexcept OSError as get_weather:\n    pass", "get_weather (line 3)", id="except-as"
+        ),
+        pytest.param("del get_weather", "get_weather (line 1)", id="del"),
+        pytest.param(
+            "x = 1\nspotify_play = 2\nget_weather = 3",
+            "spotify_play (line 2), get_weather (line 3)",
+            id="two-names",
+        ),
+    ],
+)
+def test_rebinding_a_tool_name_is_refused(source: str, where: str) -> None:
+    """Its calls would reach the program's own function, not the client's tool."""
+    for check in (True, False):
+        with pytest.raises(OutputError) as info:
+            classify(source, TOOLS, check=check)
+        assert f"This program redefines {where}: " in info.value.message
+        assert "must not be redefined" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param("weather = get_weather(city='x')\nprint(weather)", id="another-name"),
+        pytest.param("def get_weather_twice(c):\n    return [get_weather(city=c)] * 2", id="longer-name"),
+        pytest.param("class X:\n    pass\nx = X()\nx.get_weather = 1\nprint(x.get_weather)", id="attribute"),
+        pytest.param("f = get_weather\nf(city='x')", id="alias-of-the-tool"),
+        pytest.param("d = {'get_weather': 1}\nd['get_weather'] = 2", id="string-key"),
+        pytest.param("print(dict(get_weather=1))", id="keyword-argument"),
+    ],
+)
+def test_other_names_are_not_rebinding(source: str) -> None:
+    classify(source, TOOLS)
+
+
 def test_syntax_errors_point_at_the_line() -> None:
     with pytest.raises(OutputError, match="line 2"):
         classify('get_weather(city="a")\nget_weather(city="b"', TOOLS)

@@ -131,3 +131,45 @@ def test_streamed_and_plain_answers_of_a_repaired_reply_agree(
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == plain.choices[0].message.content == "Checking."
     assert [c.function.name for c in plain.choices[0].message.tool_calls or []] == ["get_weather"]
+
+
+def test_required_repairs_a_program_that_calls_no_function(
+    client: openai.OpenAI, upstream: ScriptedUpstream
+) -> None:
+    """A program that only prints does not call a tool: under ``required`` it is sent back,
+    not run (which would carry the loop on without the call the client asked for)."""
+    upstream.plan(
+        program("```python\nprint('Paris is lovely')\n```"),
+        program('```python\nget_weather(city="Paris")\n```'),
+    )
+    result = ask(client, [{"role": "user", "content": "Paris?"}], tool_choice="required")
+    assert result.choices[0].finish_reason == "tool_calls"
+    calls = result.choices[0].message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert len(upstream.received) == 2
+    repair = upstream.received[-1].json["messages"][-1]["content"]
+    assert "must call at least one of the functions (get_weather); this program calls none" in repair
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "message"),
+    [
+        pytest.param("required", "must call at least one of the functions", id="required"),
+        pytest.param(
+            {"type": "function", "function": {"name": "get_weather"}}, "must call get_weather", id="named"
+        ),
+    ],
+)
+def test_exhausted_repairs_of_a_program_that_calls_no_function_are_an_error(
+    client: openai.OpenAI, upstream: ScriptedUpstream, tool_choice: Any, message: str
+) -> None:
+    """The program parses, but it is not sent as if it were the call tool_choice asks for."""
+    upstream.plan(*(program("```python\nprint('Paris is lovely')\n```") for _ in range(3)))
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client, [{"role": "user", "content": "Paris?"}], tool_choice=tool_choice)
+    assert info.value.status_code == 502
+    body = info.value.response.json()["error"]
+    assert body["code"] == "invalid_model_output" and message in body["message"]
+    assert len(upstream.received) == 3  # the first reply and two repairs; no program ran

@@ -6,7 +6,9 @@ to names or printed: they can go out at once as parallel tool_calls, no kernel
 needed) or ``KernelProgram`` (anything else). Every call to a tool is checked
 against its schema either way: positional arguments are mapped to parameter
 names, unknown or missing arguments and wrong types are ``CallError``s whose
-messages are fit to send back to the model.
+messages are fit to send back to the model. A program that binds a tool's name
+anywhere (``def``, assignment, import, loop target, parameter, ...) is an
+``OutputError``: its calls would go to its own function instead of the tool.
 
 ``render_call`` goes the other way (tool_calls in the history become code).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,13 +211,52 @@ def _check_all_calls(module: ast.Module, toolset: Toolset, check: bool) -> tuple
     return tuple(mentioned)
 
 
+def _bound_names(node: ast.AST) -> Iterator[str]:
+    """The names ``node`` binds (or deletes) in the scope it runs in."""
+    match node:
+        case ast.Name(id=name, ctx=ast.Store() | ast.Del()):
+            yield name
+        case ast.FunctionDef(name=name) | ast.AsyncFunctionDef(name=name) | ast.ClassDef(name=name):
+            yield name
+        case ast.arg(arg=name):
+            yield name
+        case ast.Import(names=aliases) | ast.ImportFrom(names=aliases):
+            for alias in aliases:
+                yield alias.asname or alias.name.partition(".")[0]
+        case ast.ExceptHandler(name=str() as name) | ast.MatchAs(name=str() as name):
+            yield name
+        case ast.MatchStar(name=str() as name) | ast.MatchMapping(rest=str() as name):
+            yield name
+
+
+def _check_no_tool_rebound(module: ast.Module, toolset: Toolset) -> None:
+    """A tool's stub name must keep meaning the tool everywhere in the program."""
+    rebound: dict[str, int] = {}
+    for node in ast.walk(module):
+        for name in _bound_names(node):
+            if toolset.by_py(name) is not None:
+                rebound.setdefault(name, getattr(node, "lineno", 0))
+    if rebound:
+        ordered = sorted(rebound.items(), key=lambda item: item[1])  # ast.walk goes breadth first
+        where = ", ".join(f"{name} (line {line})" for name, line in ordered)
+        one = len(rebound) == 1
+        raise OutputError(
+            f"This program redefines {where}: "
+            f"{'that name is a function' if one else 'those names are functions'} you are given to call, "
+            f"and must not be redefined. Call {'it as it is' if one else 'them as they are'}, "
+            "and give your own functions and variables other names."
+        )
+
+
 def classify(source: str, toolset: Toolset, check: bool = True) -> StaticCalls | KernelProgram:
-    """Parse and classify a program; ``check=False`` skips the schema checks of literal values."""
+    """Parse and classify a program; ``check=False`` skips the schema checks of literal values
+    (a program that rebinds a tool's name is refused either way)."""
     module = parse_program(source)
     if not module.body:
         raise OutputError(
             "The python block is empty; write the calls to make, or answer without a code block."
         )
+    _check_no_tool_rebound(module, toolset)
     assigned: set[str] = set()
     calls: list[Call] = []
     for stmt in module.body:

@@ -15,7 +15,8 @@ is not shown again, and calls already sent stay sent (a reply whose later statem
 fail after some calls went out keeps those calls as its action; the rest is dropped and
 recorded). When the repairs run out, a program that still parses is used anyway with its
 schema problem recorded (as a native model's calls would reach the client); only output
-that cannot be parsed at all is an answer, or an error when a call was required.
+that cannot be parsed at all is an answer, or an error when a call was required (so is a
+program that does not keep to tool_choice: under ``required``, one that calls no function).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from translators.actions import Call
 from translators.gbnf import parser_for
 from translators.reader import BlockClosed, OutputReader, Prose, Statements
 
-__all__ = ["ModelTurn", "Reply", "check_named_choice"]
+__all__ = ["ModelTurn", "Reply", "check_tool_choice"]
 
 log = logging.getLogger("cablectl.actions")
 
@@ -72,14 +73,21 @@ class Reply:
     problem: str | None = None  # let through (schema) or dropped (after pipelined calls)
 
 
-def check_named_choice(choice: str, program: StaticCalls | KernelProgram, toolset: Toolset) -> None:
-    """With tool_choice naming a function, the program must call it (and, if static, only it)."""
-    if not choice.startswith("function:"):
-        return
-    name = choice.split(":", 1)[1]
+def check_tool_choice(choice: str, program: StaticCalls | KernelProgram, toolset: Toolset) -> None:
+    """With tool_choice ``required`` the program must call at least one function; naming a
+    function, it must call that one (and, if static, only it)."""
     called = (
         [c.name for c in program.calls] if isinstance(program, StaticCalls) else list(program.tools_called)
     )
+    if choice == "required" and not called:
+        names = [t.py for t in toolset.tools]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise OutputError(
+            f"This reply must call at least one of the functions ({shown}); this program calls none."
+        )
+    if not choice.startswith("function:"):
+        return
+    name = choice.split(":", 1)[1]
     if name not in called or (isinstance(program, StaticCalls) and set(called) != {name}):
         tool = toolset.by_name(name)
         raise OutputError(f"This reply must call {tool.py if tool else name}, and only it.")
@@ -273,20 +281,24 @@ class ModelTurn:
     def _judge(self, step: Step, reply: Reply) -> None:
         output = parse_output(reply.text)
         if isinstance(output, Action):
-            reply.program = classify(output.source, step.toolset)
+            program = classify(output.source, step.toolset)
+            check_tool_choice(step.choice, program, step.toolset)
+            reply.program = program
             reply.thought = output.thought
-            check_named_choice(step.choice, reply.program, step.toolset)
         elif step.choice != "auto":
             raise OutputError("This reply must call a function in a ```python block.")
         else:
             reply.program = None
 
     def _exhausted(self, step: Step, reply: Reply, problem: str, shown: bool) -> Iterator[Event]:
-        """Repairs ran out: use a program that parses anyway; answer with text otherwise."""
+        """Repairs ran out: use a program that parses (and keeps to tool_choice) anyway; answer
+        with text otherwise."""
         try:
             output = parse_output(reply.text)
             if isinstance(output, Action):
-                reply.program = classify(output.source, step.toolset, check=False)
+                program = classify(output.source, step.toolset, check=False)
+                check_tool_choice(step.choice, program, step.toolset)
+                reply.program = program
                 reply.thought = output.thought
                 reply.problem = f"sent despite: {problem}"
                 log.info("repairs exhausted; sending the program's calls anyway: %s", problem)
