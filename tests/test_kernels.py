@@ -18,7 +18,7 @@ import pytest
 
 from proxy.kernels import ExecLimits, Finished, KernelDied, KernelPool, Pending, PoolExhausted
 from proxy.kernels.gateway import GatewayKernelProvider
-from proxy.kernels.local import LocalKernelProvider, ResourceLimits
+from proxy.kernels.local import LocalKernelProvider, ResourceLimits, _ChannelKernel
 from proxy.kernels.sandbox import Bubblewrap
 from tests.servers import free_port
 from translators.kernel_stubs import render_kernel_stubs
@@ -145,6 +145,23 @@ async def test_sequential_and_concurrent_sessions(sandbox: Bubblewrap | None) ->
         assert pool.stats().busy == 0
 
 
+async def test_a_tool_call_right_after_start_is_not_lost(
+    sandbox: Bubblewrap | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel routes each input_request to our stdin socket by identity, and drops it if
+    that socket has not connected yet; a kernel is ready only once it has. Our stdin socket
+    retrying late (1.5 s, where ZeroMQ's default is 0.1 s) makes the race certain."""
+    monkeypatch.setattr(_ChannelKernel, "STDIN_RECONNECT_IVL_MS", 1500)
+    async with local_pool(sandbox, min_idle=0, max_total=1) as (pool, _):
+        kernel = await pool.acquire("s")
+        assert (await run_to_end(kernel, render_kernel_stubs(WEATHER))).output.error is None
+        result = await kernel.execute("print(get_weather('Paris'))")
+        assert isinstance(result, Pending), result.output
+        done = await kernel.reply({"t": 21})
+        assert isinstance(done, Finished) and done.output.stdout == "{'t': 21}\n"
+        await pool.release(kernel)
+
+
 async def test_back_channel_three_calls_in_a_loop(sandbox: Bubblewrap | None) -> None:
     async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
@@ -160,7 +177,7 @@ async def test_back_channel_three_calls_in_a_loop(sandbox: Bubblewrap | None) ->
             (1, "get.weather", {"city": "Paris"}),
             (2, "get.weather", {"city": "Rome"}),
             (3, "get.weather", {"city": "Oslo"}),
-        ]
+        ], result.output
         assert result.output.stdout == "13\n" and result.output.tool_calls == 3
         # a failed call raises ToolError in the program, which can handle it
         failed = await kernel.execute(

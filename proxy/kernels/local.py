@@ -41,6 +41,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpecManager
@@ -129,6 +131,8 @@ class ResourceLimits:
 class _ChannelKernel(KernelConnection):
     """A kernel reached over its IPC sockets through jupyter_client's async client."""
 
+    STDIN_RECONNECT_IVL_MS = 100  # ZeroMQ's default (tests make it long, to widen a race)
+
     def __init__(self, client: Any, kernel_id: str, workdir: Path, rundir: Path | None) -> None:
         super().__init__()
         self.client = client
@@ -141,8 +145,15 @@ class _ChannelKernel(KernelConnection):
     async def open(self, timeout: float) -> None:
         # no heartbeat channel: liveness is the process's (is_alive), and its thread raced a
         # fast shutdown (a socket created on a context being closed)
-        self.client.start_channels(hb=False)
-        await self._ready(timeout)
+        watch = self._watch_stdin()
+        try:
+            self.client.start_channels(hb=False)
+            await self._ready(timeout)
+            await self._stdin_connected(watch, timeout)
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self.client.stdin_channel.socket.disable_monitor()
+            watch.close(linger=0)
         for channel, getter in (
             ("iopub", self.client.get_iopub_msg),
             ("shell", self.client.get_shell_msg),
@@ -173,6 +184,30 @@ class _ChannelKernel(KernelConnection):
                 raise KernelDied("the kernel died before it answered kernel_info")
             if loop.time() > deadline:
                 raise KernelDied(f"the kernel did not answer kernel_info in {timeout:.0f} s")
+
+    def _watch_stdin(self) -> zmq.asyncio.Socket:
+        """jupyter_client's stdin socket, made here with a monitor attached before it connects.
+
+        The kernel sends each ``input_request`` (a tool call) from a ROUTER to the identity the
+        execute request came from; until our stdin DEALER has finished its handshake the ROUTER
+        does not know that identity and drops the request without a word, and the program
+        waits in ``input()`` for a reply that never comes. The shell and stdin sockets retry
+        their connections independently (every ``RECONNECT_IVL``), so a kernel that answers
+        ``kernel_info`` on shell may not have our stdin yet; readiness waits for both."""
+        client = self.client
+        sock = client.context.socket(zmq.DEALER)
+        sock.linger = 1000
+        sock.identity = client.session.bsession  # the shell's: stdin requests are routed by it
+        sock.setsockopt(zmq.RECONNECT_IVL, self.STDIN_RECONNECT_IVL_MS)
+        watch = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock.connect(client._make_url("stdin"))
+        client._stdin_channel = client.stdin_channel_class(sock, client.session, client.ioloop)
+        return watch  # type: ignore[no-any-return]
+
+    async def _stdin_connected(self, watch: zmq.asyncio.Socket, timeout: float) -> None:
+        if not await watch.poll(timeout * 1000):
+            raise KernelDied(f"the kernel's stdin channel did not connect in {timeout:.0f} s")
+        await watch.recv_multipart()
 
     async def _pump(self, channel: str, getter: Any) -> None:
         while True:
