@@ -49,6 +49,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of ``root`` and every process under it, live or reaped (a reaped child's time is in
+    its parent's cutime/cstime): the proxy, its fork server, kernels, sandboxes."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is not None:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(f) for f in fields) - int(fields[3]) - int(fields[4])  # all but idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -237,8 +266,9 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms"
                     )
                     upstream.program = KERNEL
-                    cpu = cpu_seconds(proxy.pid)
+                    cpu, tree, machine = cpu_seconds(proxy.pid), tree_cpu_seconds(proxy.pid), machine_cpu_seconds()
                     kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
+                    tree, machine = tree_cpu_seconds(proxy.pid) - tree, machine_cpu_seconds() - machine
                     print(
                         kernel.line(
                             f"round {round_} {start}: kernel path (3 requests each), c=20",
@@ -251,6 +281,11 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         f"    first step (takes a kernel) p50 {pct(kernel.first, 0.5):.1f} ms  "
                         f"p99 {pct(kernel.first, 0.99):.1f} ms;  proxy CPU per session "
                         f"{(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms (kernel processes not included)"
+                    )
+                    print(
+                        f"    CPU per session: proxy and its kernels {tree / sessions * 1000:.1f} ms, "
+                        f"whole machine {machine / sessions * 1000:.1f} ms (this bench's client and "
+                        f"upstream included); machine busy {machine / wall / (os.cpu_count() or 1):.0%}"
                     )
                     summary[start].append((sessions / wall, pct(kernel.first, 0.99)))
                     for tally in (fast, kernel):

@@ -209,8 +209,9 @@ def _become_kernel(req: dict[str, Any]) -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()
-    sys.argv = ["ipykernel_launcher", "-f", req["conn"]]
+    sys.argv = ["ipykernel_launcher", "--HistoryManager.enabled=False", "-f", req["conn"]]
     from ipykernel.kernelapp import IPKernelApp
+    from traitlets.config import Config
 
     code = 0
     try:
@@ -218,7 +219,14 @@ def _become_kernel(req: dict[str, Any]) -> None:
         # its default was read from the server's environment at import: no parent to poll (it
         # dies with the server by a death signal), and no banner for a terminal
         app.parent_handle = 1
-        app.initialize(["-f", req["conn"]])  # type: ignore[no-untyped-call]
+        # what the spawned kernel's command line says (sys.argv above, for anyone who looks),
+        # set directly: building traitlets' argument parser for two options costs ~5 ms a kernel
+        config = Config()
+        config.HistoryManager.enabled = False  # executes are never stored: no sqlite, no thread
+        app.update_config(config)
+        app.connection_file = req["conn"]
+        app.parse_command_line = lambda argv=None: None  # type: ignore[method-assign]
+        app.initialize([])  # type: ignore[no-untyped-call]
         app.start()  # type: ignore[no-untyped-call]
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

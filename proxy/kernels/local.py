@@ -131,7 +131,10 @@ class ResourceLimits:
 class _ChannelKernel(KernelConnection):
     """A kernel reached over its IPC sockets through jupyter_client's async client."""
 
-    STDIN_RECONNECT_IVL_MS = 100  # ZeroMQ's default (tests make it long, to widen a race)
+    # how often our sockets retry connecting to a kernel that has not bound its own yet (ZeroMQ's
+    # default, 100 ms, would round every kernel's readiness up to the next tenth of a second)
+    RECONNECT_IVL_MS = 10
+    STDIN_RECONNECT_IVL_MS = 10  # stdin's own (tests make it long, to widen a race)
 
     def __init__(self, client: Any, kernel_id: str, workdir: Path, rundir: Path | None) -> None:
         super().__init__()
@@ -145,6 +148,7 @@ class _ChannelKernel(KernelConnection):
     async def open(self, timeout: float) -> None:
         # no heartbeat channel: liveness is the process's (is_alive), and its thread raced a
         # fast shutdown (a socket created on a context being closed)
+        self.client.context.setsockopt(zmq.RECONNECT_IVL, self.RECONNECT_IVL_MS)
         watch = self._watch_stdin()
         try:
             self.client.start_channels(hb=False)
@@ -355,6 +359,7 @@ class LocalKernelProvider(KernelProvider):
             str(self.limits.cpu_seconds),
             str(self.limits.open_files),
             "1" if not network and sandbox is None else "0",  # a sandbox has no network already
+            "--HistoryManager.enabled=False",  # executes are never stored: no sqlite file, no thread
             "-f",
             "{connection_file}",
         ]
