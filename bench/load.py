@@ -266,7 +266,11 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms"
                     )
                     upstream.program = KERNEL
-                    cpu, tree, machine = cpu_seconds(proxy.pid), tree_cpu_seconds(proxy.pid), machine_cpu_seconds()
+                    cpu, tree, machine = (
+                        cpu_seconds(proxy.pid),
+                        tree_cpu_seconds(proxy.pid),
+                        machine_cpu_seconds(),
+                    )
                     kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
                     tree, machine = tree_cpu_seconds(proxy.pid) - tree, machine_cpu_seconds() - machine
                     print(
