@@ -52,6 +52,7 @@ class HttpPool:
     def __init__(self, max_connections: int = 2000) -> None:
         self._max = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         if self._session is None:
@@ -59,17 +60,28 @@ class HttpPool:
                 limit=self._max, keepalive_timeout=60, enable_cleanup_closed=True
             )
             self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+            # for a request sent again after a kept-alive connection turned out closed: every
+            # other pooled connection to that upstream may have been closed with it (a server
+            # that closes idle ones after 5 s closes them all after a lull), so not from the pool
+            fresh = aiohttp.TCPConnector(limit=self._max, force_close=True, enable_cleanup_closed=True)
+            self._fresh = aiohttp.ClientSession(connector=fresh, skip_auto_headers=("User-Agent",))
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise ServiceUnavailable("the proxy is starting or stopping; retry in a moment")
         return self._session
+
+    def for_attempt(self, attempt: int) -> aiohttp.ClientSession:
+        """The pool for a first attempt; a new connection for a retry of a stale one."""
+        session = self.session
+        return session if attempt == 1 or self._fresh is None else self._fresh
 
 
 class _AiohttpStream(SSEStream):
@@ -162,8 +174,8 @@ class DirectBackend(ModelBackend):
         )
 
     async def _post(self, data: bytes, url: str | None = None) -> tuple[int, bytes]:
-        session = self._pool.session
         for attempt in (1, 2):
+            session = self._pool.for_attempt(attempt)
             try:
                 async with session.post(
                     url or self._url, data=data, headers=self._headers, timeout=self._timeout
@@ -209,8 +221,8 @@ class DirectBackend(ModelBackend):
         return body
 
     async def _open(self, data: bytes, url: str) -> aiohttp.ClientResponse:
-        session = self._pool.session
         for attempt in (1, 2):
+            session = self._pool.for_attempt(attempt)
             try:
                 return await session.post(url, data=data, headers=self._headers, timeout=self._stream_timeout)
             except aiohttp.ClientError as exc:

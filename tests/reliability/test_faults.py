@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -325,8 +326,9 @@ class OneRequestPerConnection:
     """An upstream that keeps connections alive in its headers, then drops each one on its second
     request without answering, as a server does that closes idle connections on its own clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = free_port()
+        self.delay = delay  # before each answer: concurrent requests open connections of their own
         self.requests = 0
         self.dropped = 0
         self._loop = asyncio.new_event_loop()
@@ -353,6 +355,7 @@ class OneRequestPerConnection:
                     self.dropped += 1
                     return  # closed without a word
                 self.requests += 1
+                await asyncio.sleep(self.delay)
                 body = json.dumps(canned_completion("scripted", "fresh")).encode()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive\r\n"
@@ -397,11 +400,43 @@ def test_a_kept_alive_connection_the_upstream_dropped_is_retried(tmp_path: Path)
         )
         try:
             client = sdk(server)
-            for _ in range(3):  # each after the first goes out on the pooled, now dead, connection
+            # the second goes out on the pooled, now dead, connection, and again on a new one
+            # (closed after it); the third finds no pooled connection and opens one
+            for _ in range(3):
                 reply = client.chat.completions.create(
                     model="m", messages=[{"role": "user", "content": "hi"}]
                 )
                 assert reply.choices[0].message.content == "fresh"
-            assert flaky.requests == 3 and flaky.dropped == 2
+            assert flaky.requests == 3 and flaky.dropped == 1
+        finally:
+            server.stop()
+
+
+def test_a_retry_after_a_dropped_connection_does_not_take_another_dropped_one(tmp_path: Path) -> None:
+    """After a lull a server closes every idle connection at once: the retry of a request that
+    met one must not go out on the next pooled one (closed too), but on a new connection."""
+    with OneRequestPerConnection(delay=0.3) as flaky:
+        route = {
+            "model_name": "m",
+            "litellm_params": {"model": "openai/m", "api_base": f"http://127.0.0.1:{flaky.port}/v1"},
+        }
+        server = start(
+            write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
+        )
+        try:
+            with sdk(server) as client:
+
+                def ask(_: object = None) -> str:
+                    reply = client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": "hi"}]
+                    )
+                    return str(reply.choices[0].message.content)
+
+                with ThreadPoolExecutor(4) as threads:  # four connections, each then pooled
+                    assert list(threads.map(ask, range(4))) == ["fresh"] * 4
+                assert flaky.requests == 4
+                for _ in range(3):  # each meets a pooled connection the server has dropped
+                    assert ask() == "fresh"
+            assert flaky.requests == 7 and flaky.dropped == 3
         finally:
             server.stop()
