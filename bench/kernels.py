@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stats import pct  # noqa: E402
+from bench.stats import machine_cpu_seconds, pct  # noqa: E402
 from proxy.kernels import ExecLimits, Finished, KernelPool, Pending  # noqa: E402
 from proxy.kernels.local import LocalKernelProvider  # noqa: E402
 from proxy.kernels.sandbox import Bubblewrap  # noqa: E402
@@ -92,14 +92,17 @@ async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> di
     """Each figure for every provider, their samples interleaved (A, B, A, B, ...), so a busy
     neighbour on a shared machine slows both columns alike."""
     out: dict[str, dict[str, Any]] = {
-        name: {"cold": [], "warm": [], "trivial": [], "calls": []} for name in providers
+        name: {"cold": [], "cold_cpu": [], "warm": [], "trivial": [], "calls": []} for name in providers
     }
     for _ in range(20):
         for name, provider in providers.items():
+            cpu = machine_cpu_seconds()
             started = time.perf_counter()
             kernel = await provider.start_kernel()
             out[name]["cold"].append((time.perf_counter() - started) * 1000)
             await kernel.shutdown()
+            # the whole machine's (at 10 ms a tick: a median over many starts, not one start)
+            out[name]["cold_cpu"].append((machine_cpu_seconds() - cpu) * 1000)
 
     pools = {
         name: KernelPool(provider, min_idle=4, max_total=8, limits=ExecLimits(timeout=60))
@@ -199,6 +202,9 @@ async def main(samples: int) -> None:
             + ratio(results, key, "none/fork", "none/spawn")
             + ratio(results, key, "bwrap/fork", "bwrap/spawn")
         )
+    print("  machine CPU per cold start and shutdown (mean; every core summed)")
+    for name, r in results.items():
+        print(f"    {name:<12} {statistics.fmean(r['cold_cpu']):8.1f} ms")
     for name, r in results.items():
         rss = statistics.fmean(m[0] for m in r["mem"]) / 1024
         pss = statistics.fmean(m[1] for m in r["mem"]) / 1024

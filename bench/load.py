@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loop import KERNEL, STATIC, TEMPS, TOOLS, Responder  # noqa: E402
-from bench.stats import pct  # noqa: E402
+from bench.stats import machine_cpu_seconds, pct  # noqa: E402
 from tests.servers import UvicornThread, free_port  # noqa: E402
 
 SESSION_TTL = 10.0  # short, so that a round's sessions expire before memory is read
@@ -70,12 +70,6 @@ def tree_cpu_seconds(root: int) -> float:
             total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
         todo += children.get(pid, [])
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> float:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    busy = sum(int(f) for f in fields) - int(fields[3]) - int(fields[4])  # all but idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -199,6 +193,16 @@ def gauges(base: str) -> dict[str, float]:
     return out
 
 
+def replays(base: str) -> float:
+    """Sessions replayed onto a fresh kernel so far (every reason)."""
+    text = httpx.get(base + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cablectl_session_replays_total{")
+    )
+
+
 def wait_idle(base: str, deadline: float) -> dict[str, float]:
     while True:
         seen = gauges(base)
@@ -271,8 +275,11 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         tree_cpu_seconds(proxy.pid),
                         machine_cpu_seconds(),
                     )
+                    own, replayed = time.process_time(), replays(base)
                     kernel, wall = await phase(base, kernel_session, sessions, 20, deadline)
+                    replayed = replays(base) - replayed
                     tree, machine = tree_cpu_seconds(proxy.pid) - tree, machine_cpu_seconds() - machine
+                    own = time.process_time() - own
                     print(
                         kernel.line(
                             f"round {round_} {start}: kernel path (3 requests each), c=20",
@@ -282,14 +289,15 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                         )
                     )
                     print(
-                        f"    first step (takes a kernel) p50 {pct(kernel.first, 0.5):.1f} ms  "
+                        f"    replays {replayed:.0f};  first step (takes a kernel) p50 {pct(kernel.first, 0.5):.1f} ms  "
                         f"p99 {pct(kernel.first, 0.99):.1f} ms;  proxy CPU per session "
                         f"{(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms (kernel processes not included)"
                     )
                     print(
-                        f"    CPU per session: proxy and its kernels {tree / sessions * 1000:.1f} ms, "
-                        f"whole machine {machine / sessions * 1000:.1f} ms (this bench's client and "
-                        f"upstream included); machine busy {machine / wall / (os.cpu_count() or 1):.0%}"
+                        f"    CPU per session: whole machine {machine / sessions * 1000:.1f} ms (busy "
+                        f"{machine / wall / (os.cpu_count() or 1):.0%}), of which the proxy's process tree "
+                        f"{tree / sessions * 1000:.1f} ms (kernels orphaned by a kill escape it) and this "
+                        f"bench's client and upstream {own / sessions * 1000:.1f} ms"
                     )
                     summary[start].append((sessions / wall, pct(kernel.first, 0.99)))
                     for tally in (fast, kernel):

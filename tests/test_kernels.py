@@ -142,7 +142,7 @@ async def test_sequential_and_concurrent_sessions(sandbox: Bubblewrap | None) ->
                 await pool.release(k)
 
         assert await asyncio.gather(*(session(n) for n in range(4))) == ["0", "10", "20", "30"]
-        assert pool.stats().busy == 0
+        assert pool.stats().busy == 0 and pool.waiting == 0
 
 
 async def test_a_tool_call_right_after_start_is_not_lost(
@@ -342,6 +342,43 @@ async def test_exhaustion_is_a_503(sandbox: Bubblewrap | None) -> None:
         await pool.wait_ready(1)  # the retired kernel's slot is refilled with a fresh kernel
         other = await pool.acquire("t")
         await pool.release(other)
+
+
+async def test_waiters_are_served_first_come_first_served(sandbox: Bubblewrap | None) -> None:
+    """A kernel that becomes ready goes to the acquire that has waited longest, even when a later
+    one runs first (here: woken by the same start finishing), and a cancelled waiter's turn
+    passes on without losing a kernel."""
+    async with local_pool(sandbox, min_idle=0, max_total=1, acquire_timeout=60) as (pool, provider):
+        finished = asyncio.Event()
+        real_start = provider.start_kernel
+
+        async def start_kernel() -> object:
+            connection = await real_start()
+            finished.set()  # wakes the late acquire below before the pool has the kernel
+            return connection
+
+        provider.start_kernel = start_kernel  # type: ignore[method-assign]
+        first = await pool.acquire("first")
+        order: list[str] = []
+
+        async def take(name: str, after: asyncio.Event | None = None) -> None:
+            if after is not None:
+                await after.wait()
+            kernel = await pool.acquire(name)
+            order.append(name)
+            await pool.release(kernel)
+
+        early = asyncio.create_task(take("early"))
+        gone = asyncio.create_task(take("gone"))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 2
+        finished.clear()
+        late = asyncio.create_task(take("late", after=finished))
+        gone.cancel()
+        await pool.release(first)
+        await asyncio.wait_for(asyncio.gather(early, late), 60)
+        assert order == ["early", "late"] and gone.cancelled()
+        assert pool.stats().busy == 0 and pool.waiting == 0
 
 
 async def test_no_orphans_after_cancellation(sandbox: Bubblewrap | None) -> None:

@@ -51,3 +51,26 @@ async def test_a_full_pool_takes_back_idle_sessions_kernels_before_they_are_need
     finally:
         await runtime.aclose()
         await provider.aclose()
+
+
+async def test_a_waiting_request_takes_a_finished_sessions_kernel_before_a_suspended_ones() -> None:
+    """A full pool and a request waiting: the kernel given back is the one of a session whose
+    program has finished, not of one suspended in a tool call (though that one was used longer
+    ago), since that one would have to be replayed when its result comes."""
+    provider = LocalKernelProvider(network=False)
+    pool = KernelPool(provider, min_idle=0, max_total=2, limits=ExecLimits(timeout=30), acquire_timeout=60)
+    runtime = Runtime(pool, InMemorySessionStore())
+    try:
+        async with pool:
+            suspended = await runtime.kernel("suspended", TOOLS)
+            suspended.waiting_call_id = "call_1"  # its program waits in a call to echo()
+            runtime.done("suspended")
+            await asyncio.sleep(0.01)
+            await runtime.kernel("finished", TOOLS)
+            runtime.done("finished")
+            assert pool.total == 2 and pool.stats().idle == 0
+            await asyncio.wait_for(runtime.kernel("new", TOOLS), 60)
+            assert set(runtime.live) == {"suspended", "new"}
+    finally:
+        await runtime.aclose()
+        await provider.aclose()

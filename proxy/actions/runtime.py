@@ -21,7 +21,7 @@ import orjson
 
 from proxy.actions.artifacts import Artifacts
 from proxy.errors import CablectlError
-from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel, PoolExhausted
+from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel
 from proxy.sessions import SessionStore
 from proxy.sessions.owners import Owners
 from translators import Toolset, render_kernel_stubs
@@ -58,6 +58,13 @@ def result_value(content: Any) -> Any:
     return content
 
 
+def _eviction_order(live: LiveSession) -> tuple[bool, float]:
+    """Whose kernel goes first when the pool needs room: sessions whose program has finished
+    before those suspended in a tool call (mid-conversation: giving its kernel back costs a
+    replay of the whole log when the result comes), least recently used first within each."""
+    return (live.waiting_call_id is not None, live.last_used)
+
+
 class Runtime:
     """``on_acquire_wait`` is told how long each session waited for a kernel (seconds);
     ``on_replay`` the reason of each replay (``waiting_call``: a result for a program whose
@@ -85,6 +92,7 @@ class Runtime:
         self.on_replay = on_replay  # told the reason and cause of every replay
         self.owners = owners
         self._headroom: asyncio.Task[None] | None = None
+        self._evicting: asyncio.Task[None] | None = None
 
     async def kernel(self, session_id: str, toolset: Toolset) -> LiveSession:
         """This session's kernel, with the toolset's stubs installed (acquired if needed)."""
@@ -111,21 +119,33 @@ class Runtime:
         return live
 
     async def _acquire(self, session_id: str) -> PooledKernel:
-        """A kernel from the pool; while it is full, evict idle sessions' kernels to make room."""
+        """A kernel from the pool; while it is full, evict idle sessions' kernels to make room.
+        The request keeps its place in the pool's queue throughout (first come, first served)."""
         started = time.monotonic()
-        deadline = started + self.pool.acquire_timeout
-        while True:
-            if self.pool.stats().idle == 0 and self.pool.total >= self.pool.max_total:
-                await self._evict_one()
-            remaining = deadline - time.monotonic()
-            try:
-                kernel = await self.pool.acquire(session_id, timeout=max(0.0, min(1.0, remaining)))
-                if self.on_acquire_wait is not None:
-                    self.on_acquire_wait(time.monotonic() - started)
-                return kernel
-            except PoolExhausted:
-                if time.monotonic() >= deadline:
-                    raise
+        acquiring = asyncio.ensure_future(self.pool.acquire(session_id))
+        await asyncio.sleep(0)  # in the queue (or served) before the pool is judged
+        try:
+            while True:
+                if self._short():
+                    await self._evict_one()
+                done, _ = await asyncio.wait({acquiring}, timeout=1.0)
+                if done:
+                    kernel = acquiring.result()
+                    if self.on_acquire_wait is not None:
+                        self.on_acquire_wait(time.monotonic() - started)
+                    return kernel
+        except BaseException:
+            if not acquiring.done():
+                acquiring.cancel()  # the pool hands a kernel it gave just then to the next in line
+                with contextlib.suppress(BaseException):
+                    await acquiring
+            elif not acquiring.cancelled() and acquiring.exception() is None:
+                await self.pool.release(acquiring.result())  # got, but not wanted any more
+            raise
+
+    def _short(self) -> bool:
+        """The pool is full, and more requests wait for a kernel than are starting."""
+        return self.pool.total >= self.pool.max_total and self.pool.waiting > self.pool.stats().starting
 
     def done(self, session_id: str) -> None:
         """The request working with this session's kernel has finished."""
@@ -133,6 +153,8 @@ class Runtime:
         if live is not None:
             live.in_use = False
             live.last_used = time.monotonic()
+        if self._short() and self._evicting is None:  # someone waits for this pool: now
+            self._evicting = asyncio.get_running_loop().create_task(self._evict_for_waiters())
         if self._pressed() and self._headroom is None:
             self._headroom = asyncio.get_running_loop().create_task(self._make_headroom())
 
@@ -155,7 +177,7 @@ class Runtime:
                 ]
                 if not idle:
                     return
-                victim = min(idle, key=lambda live: live.last_used)
+                victim = min(idle, key=_eviction_order)
                 log.info(
                     "pool full: giving back the kernel of idle session %s ahead of demand", victim.session_id
                 )
@@ -163,13 +185,20 @@ class Runtime:
         finally:
             self._headroom = None
 
+    async def _evict_for_waiters(self) -> None:
+        try:
+            while self._short() and any(not live.in_use for live in self.live.values()):
+                await self._evict_one()
+        finally:
+            self._evicting = None
+
     async def _evict_one(self) -> None:
-        """The pool is full: give back the least recently used kernel no request is using.
+        """The pool is full: give back a kernel no request is using (``_eviction_order``).
 
         Its session keeps its log; if it comes back, it is replayed onto a fresh kernel."""
         idle = [live for live in self.live.values() if not live.in_use]
         if idle:
-            victim = min(idle, key=lambda live: live.last_used)
+            victim = min(idle, key=_eviction_order)
             log.info("pool full: evicting the kernel of idle session %s", victim.session_id)
             await self.release(victim.session_id)
 
@@ -301,9 +330,10 @@ class Runtime:
                 await self.release(session_id)
 
     async def aclose(self) -> None:
-        if self._headroom is not None:
-            self._headroom.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._headroom
+        for task in (self._headroom, self._evicting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session_id in list(self.live):
             await self.release(session_id)

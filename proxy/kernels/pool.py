@@ -3,7 +3,10 @@
 - ``min_idle`` kernels are kept started ahead of demand (a cold start is ~1 s);
   ``max_total`` caps idle + busy + starting.
 - ``acquire(session_id)`` pops a ready kernel from a deque. With none ready it waits
-  up to ``acquire_timeout``; then ``PoolExhausted`` (the HTTP layer answers 503).
+  up to ``acquire_timeout``; then ``PoolExhausted`` (the HTTP layer answers 503). Waiters
+  are served first come, first served: a kernel that becomes ready goes to the one that
+  has waited longest, never to a request that arrived after it (under load, that barging
+  left some sessions waiting several times as long as the rest).
 - ``release(kernel)`` retires the kernel: it is shut down in the background and a
   fresh one is started in its place. A used kernel never serves another session,
   so no variable, file or import of one session can reach the next.
@@ -121,6 +124,7 @@ class KernelPool:
         self._started_total = 0
         self._replaced_dead = 0
         self._ready = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[KernelConnection]] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: set[asyncio.Future[None]] = set()
         self._health: asyncio.Task[None] | None = None
@@ -147,6 +151,10 @@ class KernelPool:
 
     async def aclose(self) -> None:
         self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(PoolExhausted("the kernel pool is shutting down"))
+        self._waiters.clear()
         # stop starting kernels (a start that completes now shuts its kernel down itself),
         # but let retirements finish: their processes must be reaped
         tasks = [t for t in (self._health, *self._tasks) if t is not None and t not in self._stopping]
@@ -190,38 +198,54 @@ class KernelPool:
     def total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting
 
+    @property
+    def waiting(self) -> int:
+        """Acquires waiting for a kernel."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     # --- lending ---------------------------------------------------------------------------
 
     async def acquire(self, session_id: str, timeout: float | None = None) -> PooledKernel:
-        """A ready kernel for ``session_id``; waits ``timeout`` (default ``acquire_timeout``) at most."""
+        """A ready kernel for ``session_id``; waits ``timeout`` (default ``acquire_timeout``) at
+        most, behind every acquire that was waiting before it."""
+        if self._closed:
+            raise PoolExhausted("the kernel pool is shutting down")
         wait = self.acquire_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        # several waiters can wake for one kernel: whoever loses goes back to waiting
-        while not self._idle:
-            if self._closed:
-                raise PoolExhausted("the kernel pool is shutting down")
-            self._fill(extra=1)
-            remaining = deadline - time.monotonic()
+        if self._idle and not self.waiting:
+            connection = self._idle.popleft()
+        else:
+            waiter: asyncio.Future[KernelConnection] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._fill()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                async with self._ready:
-                    await asyncio.wait_for(
-                        self._ready.wait_for(lambda: bool(self._idle) or self._closed), remaining
-                    )
+                connection = await asyncio.wait_for(waiter, max(0.0, wait))
             except TimeoutError:
                 raise PoolExhausted(
                     f"No kernel became free within {wait:g} s "
                     f"({len(self._busy)} busy, {self._starting} starting, at most {self.max_total}); "
                     "retry later, or raise the pool's max_total"
                 ) from None
-        if self._closed:
-            raise PoolExhausted("the kernel pool is shutting down")
-        connection = self._idle.popleft()
+            except asyncio.CancelledError:
+                # handed a kernel just as this request was cancelled: it goes to the next one
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._idle.appendleft(waiter.result())
+                    self._hand_off()
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
         kernel = PooledKernel(connection, self, session_id=session_id, acquired_at=time.monotonic())
         self._busy.add(kernel)
         self._fill()
         return kernel
+
+    def _hand_off(self) -> None:
+        """Ready kernels to the longest waiting acquires."""
+        for waiter in list(self._waiters):
+            if not self._idle:
+                return
+            if not waiter.done():
+                waiter.set_result(self._idle.popleft())
 
     async def release(self, kernel: PooledKernel) -> None:
         """Retire a kernel after its session: shut down in the background, replaced by a fresh one."""
@@ -248,10 +272,10 @@ class KernelPool:
         bucket.add(task)
         task.add_done_callback(bucket.discard)
 
-    def _fill(self, extra: int = 0) -> None:
+    def _fill(self) -> None:
         if self._closed:
             return
-        want = self.min_idle + extra - len(self._idle) - self._starting
+        want = self.min_idle + self.waiting - len(self._idle) - self._starting
         room = self.max_total - self.total
         for _ in range(max(0, min(want, room))):
             self._starting += 1
@@ -275,6 +299,7 @@ class KernelPool:
             await asyncio.shield(connection.shutdown())
             return
         self._idle.append(connection)
+        self._hand_off()
         async with self._ready:
             self._ready.notify_all()
 
