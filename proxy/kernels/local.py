@@ -266,7 +266,8 @@ class LocalKernel(_ChannelKernel):
     """A kernel jupyter_client started as a new process (``kernels.start: spawn``)."""
 
     def __init__(self, manager: AsyncKernelManager, workdir: Path, rundir: Path | None = None) -> None:
-        super().__init__(manager.client(), manager.kernel_id or uuid.uuid4().hex, workdir, rundir)
+        client = manager.client(context=manager.context)  # the provider's, not one of its own
+        super().__init__(client, manager.kernel_id or uuid.uuid4().hex, workdir, rundir)
         self.manager = manager
 
     async def interrupt(self) -> None:
@@ -292,7 +293,7 @@ class LocalKernel(_ChannelKernel):
                     await self.manager.provisioner.kill()
         with contextlib.suppress(Exception):
             await self.manager.cleanup_resources()  # connection file and ipc sockets
-        self._remove_dirs()
+        await asyncio.to_thread(self._remove_dirs)  # off the event loop: a tree of many files
 
 
 class ForkedKernel(_ChannelKernel):
@@ -320,7 +321,7 @@ class ForkedKernel(_ChannelKernel):
         if not await self._close_channels():
             return
         await self.server.kill(self.kernel_id)
-        self._remove_dirs()
+        await asyncio.to_thread(self._remove_dirs)  # off the event loop: a tree of many files
 
 
 class LocalKernelProvider(KernelProvider):
@@ -383,6 +384,9 @@ class LocalKernelProvider(KernelProvider):
         self._hide_proxy_process()
         self.start = start_mode(start)
         self._forks: ForkServer | None = None
+        # one ZeroMQ context (one I/O thread) for every kernel's sockets: a context of their own
+        # each, as jupyter_client makes by default, cost a thread start and a term per kernel
+        self._context = zmq.asyncio.Context()
         if self.start == "fork":
             keep = ("PATH", "LANG", "PYDEVD_DISABLE_FILE_VALIDATION")
             server_env = {k: v for k, v in self.kernel_env(self.root).items() if k in keep}
@@ -435,6 +439,7 @@ class LocalKernelProvider(KernelProvider):
         if self._forks is not None:
             return await self._fork(self._forks, kernel_id, workdir, rundir, inside)
         manager = AsyncKernelManager(
+            context=self._context,
             kernel_name=SPEC_NAME,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
@@ -502,7 +507,7 @@ class LocalKernelProvider(KernelProvider):
             }
             pid = await server.start(request)
             self.started_pids.append(pid)
-            client = AsyncKernelClient()
+            client = AsyncKernelClient(context=self._context)
             client.load_connection_info(info)
             kernel = ForkedKernel(client, server, kernel_id, pid, workdir, rundir)
             names = [
@@ -526,6 +531,7 @@ class LocalKernelProvider(KernelProvider):
     async def aclose(self) -> None:
         if self._forks is not None:
             await self._forks.aclose()
+        self._context.destroy(linger=0)  # kernels' sockets are closed by then; any left, now
         if self._own_root:
             with contextlib.suppress(OSError):
                 os.chmod(self._work, 0o700)  # listable again, so it can be removed
