@@ -5,11 +5,14 @@ Real ipykernels (forked or spawned, per --kernel-start), an in-process session s
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from typing import Any
 
 import pytest
 
 import proxy.actions.runtime as runtime_module
-from proxy.actions.runtime import Runtime
+from proxy.actions.runtime import KernelUnavailable, Runtime
 from proxy.kernels import ExecLimits, KernelPool
 from proxy.kernels.local import LocalKernelProvider
 from proxy.sessions import InMemorySessionStore
@@ -71,6 +74,39 @@ async def test_a_waiting_request_takes_a_finished_sessions_kernel_before_a_suspe
             assert pool.total == 2 and pool.stats().idle == 0
             await asyncio.wait_for(runtime.kernel("new", TOOLS), 60)
             assert set(runtime.live) == {"suspended", "new"}
+    finally:
+        await runtime.aclose()
+        await provider.aclose()
+
+
+async def test_a_fresh_kernel_that_dies_being_set_up_is_replaced_once_then_a_503() -> None:
+    """A kernel killed just before its session's stubs are installed: the session gets another
+    kernel. Two in a row: a 503 the client can retry, not an internal error."""
+    provider = LocalKernelProvider(network=False)
+    pool = KernelPool(provider, min_idle=1, max_total=2, limits=ExecLimits(timeout=30), acquire_timeout=60)
+    runtime = Runtime(pool, InMemorySessionStore())
+    install = runtime._install
+    killed: list[int] = []
+
+    async def kill_then_install(kernel: Any, toolset: Toolset, kills: int) -> None:
+        if len(killed) < kills:
+            pid = kernel.connection.pid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        await install(kernel, toolset)
+
+    try:
+        async with pool:
+            runtime._install = lambda k, t: kill_then_install(k, t, 1)  # type: ignore[method-assign]
+            live = await runtime.kernel("once", TOOLS)
+            assert len(killed) == 1 and live.kernel.connection.pid() != killed[0]
+            runtime.done("once")
+
+            runtime._install = lambda k, t: kill_then_install(k, t, 3)  # type: ignore[method-assign]
+            with pytest.raises(KernelUnavailable) as info:
+                await runtime.kernel("twice", TOOLS)
+            assert len(killed) == 3 and info.value.status == 503
+            assert "twice" not in runtime.live
     finally:
         await runtime.aclose()
         await provider.aclose()

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.actions.artifacts import Artifacts
-from proxy.errors import CablectlError
+from proxy.errors import CablectlError, ServiceUnavailable
 from proxy.kernels import Finished, KernelDied, KernelPool, Pending, PooledKernel
 from proxy.sessions import SessionStore
 from proxy.sessions.owners import Owners
@@ -65,6 +65,10 @@ def _eviction_order(live: LiveSession) -> tuple[bool, float]:
     return (live.waiting_call_id is not None, live.last_used)
 
 
+class KernelUnavailable(ServiceUnavailable):
+    code = "kernel_unavailable"
+
+
 class Runtime:
     """``on_acquire_wait`` is told how long each session waited for a kernel (seconds);
     ``on_replay`` the reason of each replay (``waiting_call``: a result for a program whose
@@ -106,12 +110,22 @@ class Runtime:
             return live
         if live is not None:
             await self.release(session_id)
-        kernel = await self._acquire(session_id)
-        try:
-            await self._install(kernel, toolset)
-        except BaseException:
-            await self.pool.release(kernel)
-            raise
+        for attempt in (1, 2):  # a fresh kernel that dies setting up is replaced once
+            kernel = await self._acquire(session_id)
+            try:
+                await self._install(kernel, toolset)
+                break
+            except KernelDied as exc:
+                await self.pool.release(kernel)
+                log.warning("a fresh kernel died installing the tool stubs (attempt %d): %s", attempt, exc)
+                if attempt == 2:
+                    raise KernelUnavailable(
+                        "Two fresh kernels in a row failed while being set up for this session; "
+                        "retry in a moment"
+                    ) from exc
+            except BaseException:
+                await self.pool.release(kernel)
+                raise
         live = LiveSession(session_id, kernel, toolset.digest, last_used=time.monotonic(), in_use=True)
         self.live[session_id] = live
         if self.owners is not None:  # other replicas send this session's requests here now

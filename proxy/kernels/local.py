@@ -214,13 +214,21 @@ class _ChannelKernel(KernelConnection):
         await watch.recv_multipart()
 
     async def _pump(self, channel: str, getter: Any) -> None:
+        failures = 0
         while True:
             try:
                 msg = await getter(timeout=None)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the channel closed under us: the kernel is going away
-                return
+            except Exception as exc:
+                if self._closed or isinstance(exc, zmq.ZMQError) or failures >= 100:
+                    return  # the channel closed under us: the kernel is going away
+                # one message that cannot be read (a bad signature, say) must not leave the
+                # channel deaf: its cell would wait for a reply it already missed until its limit
+                failures += 1
+                log.warning("kernel %s: unreadable message on %s skipped: %r", self.kernel_id, channel, exc)
+                continue
+            failures = 0
             msg["channel"] = channel
             self.inbox.put_nowait(msg)
 
