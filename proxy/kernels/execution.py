@@ -152,7 +152,10 @@ class CellRun:
                         await self._interrupt(f"the cell printed more than {limit} characters", elapsed)
                 elif elapsed > self._interrupted_at + self.limits.grace:
                     self.dead = True
-                    raise KernelDied(f"{self._interrupted}, and the kernel did not stop when interrupted")
+                    seen = f"reply {'seen' if self._replied else 'not seen'}, idle {'seen' if self._idle else 'not seen'}"
+                    raise KernelDied(
+                        f"{self._interrupted}, and the kernel did not stop when interrupted ({seen})"
+                    )
                 msg = await self.kernel.next_message(POLL)
                 if msg is None:
                     if not await self.kernel.is_alive():
