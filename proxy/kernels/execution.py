@@ -152,7 +152,10 @@ class CellRun:
                         await self._interrupt(f"the cell printed more than {limit} characters", elapsed)
                 elif elapsed > self._interrupted_at + self.limits.grace:
                     self.dead = True
-                    seen = f"reply {'seen' if self._replied else 'not seen'}, idle {'seen' if self._idle else 'not seen'}"
+                    seen = ", ".join(
+                        f"{what} {'seen' if flag else 'not seen'}"
+                        for what, flag in (("reply", self._replied), ("idle", self._idle))
+                    )
                     raise KernelDied(
                         f"{self._interrupted}, and the kernel did not stop when interrupted ({seen})"
                     )
