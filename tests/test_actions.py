@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -57,8 +58,9 @@ def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 
 
 @pytest.fixture
-def client(proxy: UvicornThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+def client(proxy: UvicornThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 def ask(client: openai.OpenAI, messages: list[Any], **kwargs: Any) -> Any:
@@ -334,6 +336,7 @@ def test_proxy_restart_between_turns_continues_from_redis(
     def restart(_: str) -> None:
         servers[-1].stop()  # the proxy goes away with the session's kernel
         servers.append(UvicornThread(create_app(load_settings(path, env={}))).start())
+        holder["client"].close()
         holder["client"] = openai.OpenAI(base_url=servers[-1].url + "/v1", api_key="x", max_retries=0)
 
     holder: dict[str, openai.OpenAI] = {
@@ -354,6 +357,7 @@ def test_proxy_restart_between_turns_continues_from_redis(
         )
         assert len(servers) == 3
     finally:
+        holder["client"].close()
         for server in servers[-1:]:
             server.stop()
 
@@ -363,13 +367,13 @@ def test_a_full_pool_evicts_idle_sessions(
 ) -> None:
     """One kernel, many conversations: a finished session's kernel goes to the next one."""
     server = make_proxy(config(upstream_url, kernels={"min_idle": 1, "max_total": 1, "acquire_timeout": 20}))
-    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    for n in range(3):
-        upstream.plan(program(f"```python\nprint({n} * 7)\n```"), program(f"It is {n * 7}."))
-        result = ask(sdk, [{"role": "user", "content": f"{n} times 7?"}])
-        assert result.choices[0].message.content == f"It is {n * 7}."
-        assert upstream.received[-1].json["messages"][-1]["content"] == f"Observation:\n{n * 7}"
-    assert server.server.config.app.state.pool.stats().busy <= 1
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
+        for n in range(3):
+            upstream.plan(program(f"```python\nprint({n} * 7)\n```"), program(f"It is {n * 7}."))
+            result = ask(sdk, [{"role": "user", "content": f"{n} times 7?"}])
+            assert result.choices[0].message.content == f"It is {n * 7}."
+            assert upstream.received[-1].json["messages"][-1]["content"] == f"Observation:\n{n * 7}"
+        assert server.server.config.app.state.pool.stats().busy <= 1
 
 
 def test_lark_mode_sends_the_grammar(
@@ -378,24 +382,27 @@ def test_lark_mode_sends_the_grammar(
     models = upstream_models(upstream_url)
     models[0]["grammar"] = "lark"
     server = make_proxy({"model_list": models})
-    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    upstream.plan(program('```python\nget_weather(city="Oslo")\n```'))
-    result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
-    assert (result.choices[0].message.tool_calls or [])[0].function.name == "get_weather"
-    grammar = upstream.received[-1].json["structured_outputs"]["grammar"]
-    assert grammar.startswith("start: action") and '"get_weather("' in grammar
-    assert (
-        'cablectl_grammar_ignored_total{model="gpt-4o-mini"}' not in httpx.get(server.url + "/metrics").text
-    )
-    # a server that ignores the grammar (fails open): detected, counted, and repaired
-    upstream.plan(
-        program('```python\nget_weather(town="Oslo")\n```'),
-        program('```python\nget_weather(city="Oslo")\n```'),
-    )
-    result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
-    assert json.loads((result.choices[0].message.tool_calls or [])[0].function.arguments) == {"city": "Oslo"}
-    metrics = httpx.get(server.url + "/metrics").text
-    assert 'cablectl_grammar_ignored_total{model="gpt-4o-mini"} 1.0' in metrics
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
+        upstream.plan(program('```python\nget_weather(city="Oslo")\n```'))
+        result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
+        assert (result.choices[0].message.tool_calls or [])[0].function.name == "get_weather"
+        grammar = upstream.received[-1].json["structured_outputs"]["grammar"]
+        assert grammar.startswith("start: action") and '"get_weather("' in grammar
+        assert (
+            'cablectl_grammar_ignored_total{model="gpt-4o-mini"}'
+            not in httpx.get(server.url + "/metrics").text
+        )
+        # a server that ignores the grammar (fails open): detected, counted, and repaired
+        upstream.plan(
+            program('```python\nget_weather(town="Oslo")\n```'),
+            program('```python\nget_weather(city="Oslo")\n```'),
+        )
+        result = ask(sdk, [{"role": "user", "content": "Oslo?"}], tool_choice="required")
+        assert json.loads((result.choices[0].message.tool_calls or [])[0].function.arguments) == {
+            "city": "Oslo"
+        }
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'cablectl_grammar_ignored_total{model="gpt-4o-mini"} 1.0' in metrics
 
 
 def test_named_tool_choice_is_enforced_without_a_grammar(
@@ -444,10 +451,8 @@ def test_max_steps_bounds_the_loop(
     models[0]["max_steps"] = 2
     server = make_proxy({"model_list": models})
     upstream.plan(*[program("```python\nprint('again')\n```")] * 3)
-    result = ask(
-        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0),
-        [{"role": "user", "content": "loop"}],
-    )
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
+        result = ask(sdk, [{"role": "user", "content": "loop"}])
     assert result.choices[0].finish_reason == "length" and "max_steps" in (
         result.choices[0].message.content or ""
     )

@@ -107,51 +107,49 @@ def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 def test_a_large_toolset_shows_the_relevant_stubs_and_search_tools_finds_more(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    tools = numbered_tools()
-    messages: list[Any] = [{"role": "user", "content": "Please send an email saying hello."}]
-    upstream.plan(
-        program("```python\nprint(search_tools(query='translate french', limit=1))\n```"),
-        program("```python\ntranslate_text(text='hello')\n```"),
-    )
-    result = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)
-    system = upstream.received[-2].json["messages"][0]["content"]
-    assert "def send_email(" in system and "def search_tools(" in system
-    assert system.count("\ndef ") + system.startswith("def ") <= 4
-    assert "9 more functions are defined but not shown" in system
-    assert "def translate_text(" not in system
-    observation = upstream.received[-1].json["messages"][-1]["content"]
-    assert "def translate_text(text: str)" in observation  # search_tools returned its stub
-    # a call to a tool the prompt did not show is still a valid call
-    [call] = result.choices[0].message.tool_calls or []
-    assert call.function.name == "translate_text"
-    # next turn: the tool used is shown, whatever the question
-    messages += [
-        result.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "bonjour"},
-    ]
-    upstream.plan(program("Bonjour."))
-    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)
-    assert "def translate_text(" in upstream.received[-1].json["messages"][0]["content"]
-    client.close()
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        tools = numbered_tools()
+        messages: list[Any] = [{"role": "user", "content": "Please send an email saying hello."}]
+        upstream.plan(
+            program("```python\nprint(search_tools(query='translate french', limit=1))\n```"),
+            program("```python\ntranslate_text(text='hello')\n```"),
+        )
+        result = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)
+        system = upstream.received[-2].json["messages"][0]["content"]
+        assert "def send_email(" in system and "def search_tools(" in system
+        assert system.count("\ndef ") + system.startswith("def ") <= 4
+        assert "9 more functions are defined but not shown" in system
+        assert "def translate_text(" not in system
+        observation = upstream.received[-1].json["messages"][-1]["content"]
+        assert "def translate_text(text: str)" in observation  # search_tools returned its stub
+        # a call to a tool the prompt did not show is still a valid call
+        [call] = result.choices[0].message.tool_calls or []
+        assert call.function.name == "translate_text"
+        # next turn: the tool used is shown, whatever the question
+        messages += [
+            result.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "bonjour"},
+        ]
+        upstream.plan(program("Bonjour."))
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)
+        assert "def translate_text(" in upstream.received[-1].json["messages"][0]["content"]
 
 
 def test_a_named_tool_choice_is_shown_and_small_toolsets_show_everything(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    upstream.plan(program("```python\nfiller_7(text='x')\n```"))
-    client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "Send an email."}],
-        tools=numbered_tools(),
-        tool_choice={"type": "function", "function": {"name": "filler_7"}},
-    )
-    assert "def filler_7(" in upstream.received[-1].json["messages"][0]["content"]
-    upstream.plan(program("Fine."))
-    client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi."}], tools=numbered_tools()[:4]
-    )
-    system = upstream.received[-1].json["messages"][0]["content"]
-    assert "search_tools" not in system and "def filler_3(" in system
-    client.close()
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        upstream.plan(program("```python\nfiller_7(text='x')\n```"))
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Send an email."}],
+            tools=numbered_tools(),
+            tool_choice={"type": "function", "function": {"name": "filler_7"}},
+        )
+        assert "def filler_7(" in upstream.received[-1].json["messages"][0]["content"]
+        upstream.plan(program("Fine."))
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi."}], tools=numbered_tools()[:4]
+        )
+        system = upstream.received[-1].json["messages"][0]["content"]
+        assert "search_tools" not in system and "def filler_3(" in system

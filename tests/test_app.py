@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -41,8 +42,9 @@ def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 
 
 @pytest.fixture
-def client(proxy: UvicornThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="anything", max_retries=0)
+def client(proxy: UvicornThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="anything", max_retries=0) as client:
+        yield client
 
 
 def async_client(proxy: UvicornThread) -> openai.AsyncOpenAI:
@@ -546,24 +548,30 @@ def test_keys_authenticate(keyed_proxy: UvicornThread, headers: dict[str, str], 
 
 
 def test_keys_limit_models(keyed_proxy: UvicornThread) -> None:
-    alice = openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="sk-alice-0123456789", max_retries=0)
-    bob = openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="sk-bob-0123456789", max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError):
-        alice.chat.completions.create(model="renamed", messages=[{"role": "user", "content": "x"}])
-    # a model that does not exist is 403 too for a restricted key: no enumeration
-    with pytest.raises(openai.PermissionDeniedError):
-        alice.chat.completions.create(model="secret-model", messages=[{"role": "user", "content": "x"}])
-    assert [m.id for m in alice.models.list()] == ["gpt-4o-mini"]
-    assert {m.id for m in bob.models.list()} == {
-        "gpt-4o-mini",
-        "renamed",
-        "via-litellm",
-        "slow",
-        "plain-tools",
-    }
-    assert bob.chat.completions.create(model="renamed", messages=[{"role": "user", "content": "x"}]).choices
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="nope", max_retries=0).models.list()
+    url = keyed_proxy.url + "/v1"
+    with (
+        openai.OpenAI(base_url=url, api_key="sk-alice-0123456789", max_retries=0) as alice,
+        openai.OpenAI(base_url=url, api_key="sk-bob-0123456789", max_retries=0) as bob,
+        openai.OpenAI(base_url=url, api_key="nope", max_retries=0) as stranger,
+    ):
+        with pytest.raises(openai.PermissionDeniedError):
+            alice.chat.completions.create(model="renamed", messages=[{"role": "user", "content": "x"}])
+        # a model that does not exist is 403 too for a restricted key: no enumeration
+        with pytest.raises(openai.PermissionDeniedError):
+            alice.chat.completions.create(model="secret-model", messages=[{"role": "user", "content": "x"}])
+        assert [m.id for m in alice.models.list()] == ["gpt-4o-mini"]
+        assert {m.id for m in bob.models.list()} == {
+            "gpt-4o-mini",
+            "renamed",
+            "via-litellm",
+            "slow",
+            "plain-tools",
+        }
+        assert bob.chat.completions.create(
+            model="renamed", messages=[{"role": "user", "content": "x"}]
+        ).choices
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
 
 
 # --- operations --------------------------------------------------------------------------

@@ -249,22 +249,24 @@ def test_an_approval_survives_a_proxy_restart(
 
 
 def test_approval_on_the_messages_api(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
-    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-alice-123456", max_retries=0)
-    tools: list[Any] = [{"name": "approve_action", "input_schema": {"type": "object"}}]
-    messages: list[Any] = [{"role": "user", "content": "Note it (messages)."}]
-    upstream.plan(program(RUNS))
-    asked = client.messages.create(model="guarded", max_tokens=256, messages=messages, tools=tools)
-    [use] = [b for b in asked.content if b.type == "tool_use"]
-    assert asked.stop_reason == "tool_use" and use.name == "approve_action"
-    messages += [
-        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in asked.content]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "approved"}]},
-    ]
-    upstream.plan(program("Noted."))
-    final = client.messages.create(model="guarded", max_tokens=256, messages=messages, tools=tools)
-    assert final.content[0].text == "Noted."  # type: ignore[union-attr]
-    assert upstream.received[-1].json["messages"][-1]["content"].startswith("Observation:\nran 1")
-    client.close()
+    with anthropic.Anthropic(base_url=proxy.url, api_key="sk-alice-123456", max_retries=0) as client:
+        tools: list[Any] = [{"name": "approve_action", "input_schema": {"type": "object"}}]
+        messages: list[Any] = [{"role": "user", "content": "Note it (messages)."}]
+        upstream.plan(program(RUNS))
+        asked = client.messages.create(model="guarded", max_tokens=256, messages=messages, tools=tools)
+        [use] = [b for b in asked.content if b.type == "tool_use"]
+        assert asked.stop_reason == "tool_use" and use.name == "approve_action"
+        messages += [
+            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in asked.content]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "approved"}],
+            },
+        ]
+        upstream.plan(program("Noted."))
+        final = client.messages.create(model="guarded", max_tokens=256, messages=messages, tools=tools)
+        assert final.content[0].text == "Noted."  # type: ignore[union-attr]
+        assert upstream.received[-1].json["messages"][-1]["content"].startswith("Observation:\nran 1")
 
 
 def test_approval_through_the_agents_sdk(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:

@@ -62,19 +62,19 @@ def sessions(proxy: UvicornThread, upstream_server: Any) -> dict[str, str]:
     """A finished kernel-path session, and one left waiting for a tool result."""
     upstream: ScriptedUpstream = upstream_server[0]
     upstream.reset()
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    upstream.plan(program(LOOP_PROGRAM))
-    messages: list[Any] = [{"role": "user", "content": "Which is hotter, Paris or Rome?"}]
-    response = ask(client, messages)
-    finished = session_of(response)
-    for temp in (18, 24):
-        answer_call(messages, response, {"t": temp})
-        if temp == 24:
-            upstream.plan(program("Rome is hotter."))
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        upstream.plan(program(LOOP_PROGRAM))
+        messages: list[Any] = [{"role": "user", "content": "Which is hotter, Paris or Rome?"}]
         response = ask(client, messages)
-    assert response.choices[0].message.content == "Rome is hotter."
-    upstream.plan(program(LOOP_PROGRAM))
-    waiting = session_of(ask(client, [{"role": "user", "content": "And Paris or Rome now?"}]))
+        finished = session_of(response)
+        for temp in (18, 24):
+            answer_call(messages, response, {"t": temp})
+            if temp == 24:
+                upstream.plan(program("Rome is hotter."))
+            response = ask(client, messages)
+        assert response.choices[0].message.content == "Rome is hotter."
+        upstream.plan(program(LOOP_PROGRAM))
+        waiting = session_of(ask(client, [{"role": "user", "content": "And Paris or Rome now?"}]))
     upstream.reset()
     return {"finished": finished, "waiting": waiting}
 

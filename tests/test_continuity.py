@@ -72,7 +72,8 @@ def two_turns(
 def test_a_named_session_keeps_its_kernel_across_user_turns(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, prompt = two_turns(sdk(proxy, session="conv-1"), upstream, "(named)")
+    with sdk(proxy, session="conv-1") as client:
+        observation, prompt = two_turns(client, upstream, "(named)")
     assert observation == "Observation:\n30"
     # the model sees the program it ran in the earlier turn, and what it printed
     assert any("def scale(x):" in str(m["content"]) for m in prompt if m["role"] == "assistant")
@@ -82,9 +83,10 @@ def test_a_named_session_keeps_its_kernel_across_user_turns(
 def test_metadata_session_id_works_too_and_is_not_sent_upstream(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, _ = two_turns(
-        sdk(proxy), upstream, "(meta)", metadata={"session_id": "conv-meta", "team": "a"}
-    )
+    with sdk(proxy) as client:
+        observation, _ = two_turns(
+            client, upstream, "(meta)", metadata={"session_id": "conv-meta", "team": "a"}
+        )
     assert observation == "Observation:\n30"
     assert upstream.received[-1].json.get("metadata") == {"team": "a"}
 
@@ -92,7 +94,8 @@ def test_metadata_session_id_works_too_and_is_not_sent_upstream(
 def test_without_a_name_the_history_continues_the_session_that_answered_it(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    observation, prompt = two_turns(sdk(proxy), upstream, "(unnamed)")
+    with sdk(proxy) as client:
+        observation, prompt = two_turns(client, upstream, "(unnamed)")
     assert observation == "Observation:\n30"
     assert any("def scale(x):" in str(m["content"]) for m in prompt if m["role"] == "assistant")
 
@@ -104,10 +107,12 @@ def test_identical_conversations_never_share_a_kernel(
     messages: list[Any] = [{"role": "user", "content": "Define a scaler (twins)."}]
     for _ in range(2):
         upstream.plan(program(DEFINE), program("Defined."))
-        sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        with sdk(proxy) as client:
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
     upstream.plan(program(USE), program("Done."))
-    sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    with sdk(proxy) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     assert "NameError" in upstream.received[-1].json["messages"][-1]["content"]
 
 
@@ -115,25 +120,26 @@ def test_another_keys_identical_history_is_its_own(proxy: UvicornThread, upstrea
     """The same history under two keys: each continues its own session, not the other's."""
     messages: list[Any] = [{"role": "user", "content": "Define a scaler (per key)."}]
     upstream.plan(program(DEFINE), program("Defined."))
-    sdk(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    bob = sdk(proxy, key="sk-bob-12345678")
-    upstream.plan(program("```python\nBASE = 1000\nprint(BASE)\n```"), program("Defined."))
-    bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "BASE?"}]
-    upstream.plan(program("```python\nprint(BASE)\n```"), program("Done."))
-    bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n1000"
+    with sdk(proxy) as alice:
+        alice.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    with sdk(proxy, key="sk-bob-12345678") as bob:
+        upstream.plan(program("```python\nBASE = 1000\nprint(BASE)\n```"), program("Defined."))
+        bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "BASE?"}]
+        upstream.plan(program("```python\nprint(BASE)\n```"), program("Done."))
+        bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n1000"
 
 
 def test_the_same_name_under_another_key_is_another_session(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
-    two_turns(sdk(proxy, session="shared-name"), upstream, "(shared name)")
+    with sdk(proxy, session="shared-name") as client:
+        two_turns(client, upstream, "(shared name)")
     messages = [{"role": "user", "content": "And 3?"}]
     upstream.plan(program(USE), program("Done."))
-    sdk(proxy, key="sk-bob-12345678", session="shared-name").chat.completions.create(
-        model="gpt-4o-mini", messages=messages, tools=WEATHER
-    )
+    with sdk(proxy, key="sk-bob-12345678", session="shared-name") as bob:
+        bob.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     assert "NameError" in upstream.received[-1].json["messages"][-1]["content"]
     # and bob's prompt shows nothing of alice's programs
     assert not any("def scale" in str(m["content"]) for m in upstream.received[-1].json["messages"])
@@ -170,26 +176,26 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
     proxy: UvicornThread, upstream: ScriptedUpstream
 ) -> None:
     """The session's kernel is killed between user turns: the next program finds scale() anyway."""
-    client = sdk(proxy, session="conv-killed")
-    messages: list[Any] = [{"role": "user", "content": "Define a scaler."}]
-    upstream.plan(program(DEFINE), program("Defined."))
-    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    runtime = proxy.server.config.app.state.loop.runtime
-    session_id = SessionKey("alice", "conv-killed").session_id
-    pid = runtime.live[session_id].kernel.connection.pid()
-    assert pid
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: dead(pid))
-    messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
-    upstream.plan(program(USE), program("Done."))
-    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
-    replays = [
-        line
-        for line in httpx.get(proxy.url + "/metrics").text.splitlines()
-        if line.startswith('cablectl_session_replays_total{cause="lost",reason="new_program"}')
-    ]
-    assert replays and float(replays[0].split()[-1]) >= 1
+    with sdk(proxy, session="conv-killed") as client:
+        messages: list[Any] = [{"role": "user", "content": "Define a scaler."}]
+        upstream.plan(program(DEFINE), program("Defined."))
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        runtime = proxy.server.config.app.state.loop.runtime
+        session_id = SessionKey("alice", "conv-killed").session_id
+        pid = runtime.live[session_id].kernel.connection.pid()
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: dead(pid))
+        messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
+        upstream.plan(program(USE), program("Done."))
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
+        replays = [
+            line
+            for line in httpx.get(proxy.url + "/metrics").text.splitlines()
+            if line.startswith('cablectl_session_replays_total{cause="lost",reason="new_program"}')
+        ]
+        assert replays and float(replays[0].split()[-1]) >= 1
 
 
 @pytest.mark.parametrize("session", ["conv-redis", None], ids=["named", "by-history"])
@@ -201,15 +207,13 @@ def test_a_restarted_proxy_continues_the_session_from_redis(
     messages: list[Any] = [{"role": "user", "content": f"Define a scaler ({session})."}]
     with UvicornThread(create_app(settings)) as first:
         upstream.plan(program(DEFINE), program("Defined."))
-        sdk(first, session=session).chat.completions.create(
-            model="gpt-4o-mini", messages=messages, tools=WEATHER
-        )
+        with sdk(first, session=session) as client:
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
     with UvicornThread(create_app(load_settings(write_config(tmp_path, cfg), env={}))) as second:
         upstream.plan(program(USE), program("Done."))
-        sdk(second, session=session).chat.completions.create(
-            model="gpt-4o-mini", messages=messages, tools=WEATHER
-        )
+        with sdk(second, session=session) as client:
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n30"
 
 
@@ -251,37 +255,40 @@ def test_a_function_the_model_defines_is_shown_in_later_turns_and_called(
     """A documented top-level function of a program that ran to its end is a tool the model
     made: the next turn's prompt shows its stub beside the tools, and calling it works. A
     function of a program that failed, or without a docstring, is not shown."""
-    client = sdk(proxy, session="made-tools")
-    messages: list[Any] = [{"role": "user", "content": "Make a scaler."}]
-    upstream.plan(
-        program(MADE),
-        program(
-            "```python\ndef broken(x):\n    '''Never defined.'''\n    return x\nraise ValueError('no')\n```"
-        ),
-        program("Made."),
-    )
-    first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    assert first.choices[0].message.content == "Made."
-    system = upstream.received[-1].json["messages"][0]["content"]
-    assert (
-        'def scale(x: float) -> float:\n    """Multiply x by the conversation\'s BASE."""\n    ...' in system
-    )
-    assert "broken" not in system  # its program raised
-    messages += [{"role": "assistant", "content": "Made."}, {"role": "user", "content": "Scale 4."}]
-    upstream.plan(program("```python\nprint(scale(4))\n```"), program("40."))
-    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-    assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n40"
-    first_prompt = upstream.received[-2].json["messages"][0]["content"]
-    assert "def scale(x: float) -> float:" in first_prompt  # shown when the new question came
+    with sdk(proxy, session="made-tools") as client:
+        messages: list[Any] = [{"role": "user", "content": "Make a scaler."}]
+        upstream.plan(
+            program(MADE),
+            program(
+                "```python\ndef broken(x):\n    '''Never defined.'''\n    return x\nraise ValueError('no')\n```"
+            ),
+            program("Made."),
+        )
+        first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        assert first.choices[0].message.content == "Made."
+        system = upstream.received[-1].json["messages"][0]["content"]
+        assert (
+            'def scale(x: float) -> float:\n    """Multiply x by the conversation\'s BASE."""\n    ...'
+            in system
+        )
+        assert "broken" not in system  # its program raised
+        messages += [{"role": "assistant", "content": "Made."}, {"role": "user", "content": "Scale 4."}]
+        upstream.plan(program("```python\nprint(scale(4))\n```"), program("40."))
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n40"
+        first_prompt = upstream.received[-2].json["messages"][0]["content"]
+        assert "def scale(x: float) -> float:" in first_prompt  # shown when the new question came
 
 
 def test_made_functions_stay_out_of_other_sessions(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
     upstream.plan(program(MADE), program("Made."))
-    sdk(proxy, session="made-a").chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Make one (a)."}], tools=WEATHER
-    )
+    with sdk(proxy, session="made-a") as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Make one (a)."}], tools=WEATHER
+        )
     upstream.plan(program("Nothing."))
-    sdk(proxy, session="made-b").chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Anything (b)?"}], tools=WEATHER
-    )
+    with sdk(proxy, session="made-b") as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Anything (b)?"}], tools=WEATHER
+        )
     assert "scale" not in upstream.received[-1].json["messages"][0]["content"]

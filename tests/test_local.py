@@ -28,8 +28,9 @@ def local_proxy() -> Iterator[UvicornThread]:
 
 
 @pytest.fixture
-def client(local_proxy: UvicornThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=local_proxy.url + "/v1", api_key="x", max_retries=0)
+def client(local_proxy: UvicornThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=local_proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 def chunk_shape(obj: dict[str, Any]) -> tuple[Any, ...]:
@@ -241,11 +242,11 @@ def test_cablectl_serve_command() -> None:
                 pass
             assert time.monotonic() < deadline, "cablectl serve did not become ready"
             time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        result = client.chat.completions.create(
-            model="local", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8
-        )
-        assert result.choices[0].message.content
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as client:
+            result = client.chat.completions.create(
+                model="local", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8
+            )
+            assert result.choices[0].message.content
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=30)

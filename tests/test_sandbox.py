@@ -190,63 +190,63 @@ class Target:
 
 
 def run_probe(target: Target, upstream: ScriptedUpstream, store: PersistentRedis) -> dict[str, Any]:
-    client = openai.OpenAI(base_url=target.url + "/v1", api_key="x", max_retries=0)
-    # session A: a program that wrote a file and waits for a client tool holds its kernel
-    upstream.plan(program(SESSION_A))
-    a = report_of(
-        client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}], tools=WEATHER
+    with openai.OpenAI(base_url=target.url + "/v1", api_key="x", max_retries=0) as client:
+        # session A: a program that wrote a file and waits for a client tool holds its kernel
+        upstream.plan(program(SESSION_A))
+        a = report_of(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}], tools=WEATHER
+            )
         )
-    )
-    # A's kernel as the host sees it: its processes, connection file, sockets
-    a_processes = processes_naming(a["connection_file"])
-    [a_kernel] = [pid for pid, argv in a_processes.items() if argv[1:3] == ["-m", "ipykernel_launcher"]]
-    a_sandbox = [pid for pid in a_processes if pid != a_kernel]  # bwrap and its init, if sandboxed
-    connection = json.loads(Path(a["connection_file"]).read_text())
-    run_dir = Path(a["connection_file"]).parent
-    provider_root = run_dir.parents[1]
-    sockets = [f"{connection['ip']}-{connection['shell_port']}"]
-    sockets += [str(p) for p in run_dir.glob("sandbox/ipc-*")]  # where a sandboxed kernel made them
-    store_files = [p for p in glob.glob(f"{store.dir}/**", recursive=True) if os.path.isfile(p)]
-    assert store_files and all(os.path.exists(s) for s in sockets)
-    targets = {
-        "pids": {
-            "proxy": target.pid,
-            "other_kernel": a_kernel,
-            **{f"other_sandbox_{i}": pid for i, pid in enumerate(a_sandbox)},
-        },
-        "other_connection_file": a["connection_file"],
-        "other_sockets": sockets,
-        "run_glob": str(provider_root / "run" / "*" / "kernel.json"),
-        "other_workdir": a["cwd"],
-        "config_file": str(target.config_file),
-        "store_dir": str(store.dir),
-        "store_file": store_files[0],
-        "redis_port": store.port,
-        "proxy_port": int(target.url.rsplit(":", 1)[1]),
-        "provider_root": str(provider_root),
-    }
-    upstream.plan(program(probe(targets)))
-    report = report_of(
-        client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "b"}], tools=WEATHER
+        # A's kernel as the host sees it: its processes, connection file, sockets
+        a_processes = processes_naming(a["connection_file"])
+        [a_kernel] = [pid for pid, argv in a_processes.items() if argv[1:3] == ["-m", "ipykernel_launcher"]]
+        a_sandbox = [pid for pid in a_processes if pid != a_kernel]  # bwrap and its init, if sandboxed
+        connection = json.loads(Path(a["connection_file"]).read_text())
+        run_dir = Path(a["connection_file"]).parent
+        provider_root = run_dir.parents[1]
+        sockets = [f"{connection['ip']}-{connection['shell_port']}"]
+        sockets += [str(p) for p in run_dir.glob("sandbox/ipc-*")]  # where a sandboxed kernel made them
+        store_files = [p for p in glob.glob(f"{store.dir}/**", recursive=True) if os.path.isfile(p)]
+        assert store_files and all(os.path.exists(s) for s in sockets)
+        targets = {
+            "pids": {
+                "proxy": target.pid,
+                "other_kernel": a_kernel,
+                **{f"other_sandbox_{i}": pid for i, pid in enumerate(a_sandbox)},
+            },
+            "other_connection_file": a["connection_file"],
+            "other_sockets": sockets,
+            "run_glob": str(provider_root / "run" / "*" / "kernel.json"),
+            "other_workdir": a["cwd"],
+            "config_file": str(target.config_file),
+            "store_dir": str(store.dir),
+            "store_file": store_files[0],
+            "redis_port": store.port,
+            "proxy_port": int(target.url.rsplit(":", 1)[1]),
+            "provider_root": str(provider_root),
+        }
+        upstream.plan(program(probe(targets)))
+        report = report_of(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "b"}], tools=WEATHER
+            )
         )
-    )
-    report["targets"] = targets
-    report["host_tmp_written"] = os.path.exists("/tmp/cablectl-probe-tmp")
-    report["host_root_written"] = os.path.exists(provider_root / "probe")
-    # both sessions go idle, and their kernels are released (session_idle_seconds: 1)
-    deadline = time.monotonic() + 30
-    while (processes_naming(a["connection_file"]) or processes_naming(report["own_connection_file"])) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    report["released"] = not processes_naming(a["connection_file"])
-    report["sleepers_left"] = sleepers()
-    for pid in report["sleepers_left"]:
-        subprocess.run(["kill", "-9", pid], check=False)
-    return report
+        report["targets"] = targets
+        report["host_tmp_written"] = os.path.exists("/tmp/cablectl-probe-tmp")
+        report["host_root_written"] = os.path.exists(provider_root / "probe")
+        # both sessions go idle, and their kernels are released (session_idle_seconds: 1)
+        deadline = time.monotonic() + 30
+        while (
+            processes_naming(a["connection_file"]) or processes_naming(report["own_connection_file"])
+        ) and (time.monotonic() < deadline):
+            time.sleep(0.2)
+        time.sleep(0.5)
+        report["released"] = not processes_naming(a["connection_file"])
+        report["sleepers_left"] = sleepers()
+        for pid in report["sleepers_left"]:
+            subprocess.run(["kill", "-9", pid], check=False)
+        return report
 
 
 def proxy_config(upstream_url: str, store: PersistentRedis, sandbox: str) -> dict[str, Any]:

@@ -76,14 +76,14 @@ def test_a_program_cannot_reach_secrets_redis_or_the_proxy(
             "sessions": {"redis_url": redis_url, "secret": "a-session-secret-of-replicas"},
         }
     )
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    upstream.plan(program(probe_program(redis_port, proxy.port)))
-    report = report_of(
-        client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "probe"}], tools=WEATHER
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        upstream.plan(program(probe_program(redis_port, proxy.port)))
+        report = report_of(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "probe"}], tools=WEATHER
+            )
         )
-    )
     # no secret, no Redis URL, nothing of the proxy's environment
     assert not [n for n in report["env"] if n.startswith(("OPENAI", "CABLECTL", "REDIS", "LANGFUSE"))]
     assert set(report["env"]) <= {
@@ -136,35 +136,35 @@ def test_sessions_stay_isolated_when_the_kernel_slot_is_reused(
     proxy = make_proxy(
         {"model_list": upstream_models(upstream_url), "kernels": {"min_idle": 1, "max_total": 1}}
     )
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    leave = (
-        "```python\n"
-        "import os, json\n"
-        "SECRET_A = 'only-for-session-a'\n"
-        "open('a.txt', 'w').write(SECRET_A)\n"
-        "get_weather(city=json.dumps({'path': os.path.abspath('a.txt'), 'cwd': os.getcwd()}))\n"
-        "```"
-    )
-    upstream.plan(program(leave))
-    first = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}], tools=WEATHER
-    )
-    left = report_of(first)
-    look = (
-        "```python\n"
-        "import os, json\n"
-        f"get_weather(city=json.dumps({{'global': 'SECRET_A' in globals(), 'file': os.path.exists({left['path']!r}), "
-        "'cwd': os.getcwd()}))\n"
-        "```"
-    )
-    upstream.plan(program(look))
-    # the only kernel slot is session A's; B gets a fresh kernel after A's is retired
-    second = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "b"}], tools=WEATHER
-    )
-    seen = report_of(second)
-    # another kernel (its own directory; in a sandbox every kernel is pid 2 of its own namespace)
-    assert seen == {"global": False, "file": False, "cwd": seen["cwd"]} and seen["cwd"] != left["cwd"]
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        leave = (
+            "```python\n"
+            "import os, json\n"
+            "SECRET_A = 'only-for-session-a'\n"
+            "open('a.txt', 'w').write(SECRET_A)\n"
+            "get_weather(city=json.dumps({'path': os.path.abspath('a.txt'), 'cwd': os.getcwd()}))\n"
+            "```"
+        )
+        upstream.plan(program(leave))
+        first = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}], tools=WEATHER
+        )
+        left = report_of(first)
+        look = (
+            "```python\n"
+            "import os, json\n"
+            f"get_weather(city=json.dumps({{'global': 'SECRET_A' in globals(), 'file': os.path.exists({left['path']!r}), "
+            "'cwd': os.getcwd()}))\n"
+            "```"
+        )
+        upstream.plan(program(look))
+        # the only kernel slot is session A's; B gets a fresh kernel after A's is retired
+        second = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "b"}], tools=WEATHER
+        )
+        seen = report_of(second)
+        # another kernel (its own directory; in a sandbox every kernel is pid 2 of its own namespace)
+        assert seen == {"global": False, "file": False, "cwd": seen["cwd"]} and seen["cwd"] != left["cwd"]
 
 
 def test_key_guessing_is_rate_limited_per_client(make_proxy: ProxyFactory, upstream_url: str) -> None:
@@ -257,30 +257,32 @@ def test_secrets_never_appear_in_logs(
         }
     )
     bodies = []
-    good = openai.OpenAI(base_url=proxy.url + "/v1", api_key=SECRETS["client key"], max_retries=0)
-    upstream.plan(program("hello"), program("hello"), program('```python\nget_weather(city="Paris")\n```'))
-    for model in ("gpt-4o-mini", "via-litellm"):  # direct and through litellm
-        good.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-    good.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=WEATHER
-    )
-    bad = httpx.post(
-        proxy.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {SECRETS['guessed key']}"},
-        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-    )
-    bodies.append(bad.text)
-    upstream.plan(Reply(status=500, body=b"<html>upstream broke</html>"))  # an error path too
-    failed = httpx.post(
-        proxy.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {SECRETS['client key']}"},
-        json={"model": "renamed", "messages": [{"role": "user", "content": "hi"}]},
-    )
-    bodies.append(failed.text)
-    out, err = capfd.readouterr()
-    logged = caplog.text + out + err + "".join(bodies)
-    assert "cablectl.access" in caplog.text  # the logs were captured at all
-    leaked = [name for name, secret in SECRETS.items() if secret in logged]
-    assert not leaked, f"secrets in logs or bodies: {leaked}"
-    # the upstream did get its key: the secret was used, not just absent
-    assert any(SECRETS["upstream key"] in str(r.headers) for r in upstream.received)
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key=SECRETS["client key"], max_retries=0) as good:
+        upstream.plan(
+            program("hello"), program("hello"), program('```python\nget_weather(city="Paris")\n```')
+        )
+        for model in ("gpt-4o-mini", "via-litellm"):  # direct and through litellm
+            good.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        good.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=WEATHER
+        )
+        bad = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {SECRETS['guessed key']}"},
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        bodies.append(bad.text)
+        upstream.plan(Reply(status=500, body=b"<html>upstream broke</html>"))  # an error path too
+        failed = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {SECRETS['client key']}"},
+            json={"model": "renamed", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        bodies.append(failed.text)
+        out, err = capfd.readouterr()
+        logged = caplog.text + out + err + "".join(bodies)
+        assert "cablectl.access" in caplog.text  # the logs were captured at all
+        leaked = [name for name, secret in SECRETS.items() if secret in logged]
+        assert not leaked, f"secrets in logs or bodies: {leaked}"
+        # the upstream did get its key: the secret was used, not just absent
+        assert any(SECRETS["upstream key"] in str(r.headers) for r in upstream.received)

@@ -34,8 +34,8 @@ def start(tmp: Path, upstream_url: str, redis_url: str, **sessions: Any) -> Uvic
 
 def step(server: UvicornThread, messages: list[Any]) -> list[str]:
     """One request; appends the reply and answers its calls; the cities asked for."""
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     return answer_all(messages, reply, TEMPS)
 
 

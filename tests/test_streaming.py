@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -44,13 +44,15 @@ def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 
 
 @pytest.fixture
-def client(proxy: UvicornThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+def client(proxy: UvicornThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture
-def aclient(proxy: UvicornThread) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+async def aclient(proxy: UvicornThread) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as aclient:
+        yield aclient
 
 
 def stream_ask(client: openai.OpenAI, **kwargs: Any) -> Iterator[Any]:

@@ -539,14 +539,14 @@ async def test_the_stream_is_anthropics_sequence_and_accumulates_to_the_json_bod
     body = Message.model_validate_json(await render_messages_json(stream_of(*events), call))
     assert body.stop_reason == stop_reason and body.id == call.message_id
     # the SDK's stream helper gathers the same message from the events
-    client = anthropic.AsyncAnthropic(
+    async with anthropic.AsyncAnthropic(
         base_url="http://proxy", api_key="x", http_client=serving(lambda _: events, [])
-    )
-    async with client.messages.stream(
-        model="m", max_tokens=64, messages=[{"role": "user", "content": "Weather?"}]
-    ) as stream:
-        final = await stream.get_final_message()
-    assert final.model_dump(exclude={"id"}) == body.model_dump(exclude={"id"})
+    ) as client:
+        async with client.messages.stream(
+            model="m", max_tokens=64, messages=[{"role": "user", "content": "Weather?"}]
+        ) as stream:
+            final = await stream.get_final_message()
+        assert final.model_dump(exclude={"id"}) == body.model_dump(exclude={"id"})
 
 
 async def test_the_message_object() -> None:
@@ -584,14 +584,14 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
     with pytest.raises(UpstreamRateLimited):
         await render_messages_json(fail_after(events, exc), call)
     # the SDK raises it from the stream
-    client = anthropic.AsyncAnthropic(
+    async with anthropic.AsyncAnthropic(
         base_url="http://proxy", api_key="x", http_client=serving(lambda _: [], [], fail=exc)
-    )
-    with pytest.raises(anthropic.APIStatusError, match="rate-limiting"):
-        async with client.messages.stream(
-            model="m", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
-        ) as stream:
-            await stream.get_final_message()
+    ) as client:
+        with pytest.raises(anthropic.APIStatusError, match="rate-limiting"):
+            async with client.messages.stream(
+                model="m", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+            ) as stream:
+                await stream.get_final_message()
 
 
 async def test_arguments_that_are_not_an_object_fail_the_message() -> None:
@@ -674,47 +674,50 @@ def weather_script(call: MessagesCall) -> list[Event]:
 @pytest.mark.parametrize("stream", [pytest.param(False, id="create"), pytest.param(True, id="stream-helper")])
 async def test_the_anthropic_sdk_runs_a_tool_loop(stream: bool) -> None:
     seen: list[MessagesCall] = []
-    client = anthropic.AsyncAnthropic(
+    async with anthropic.AsyncAnthropic(
         base_url="http://proxy", api_key="x", http_client=serving(weather_script, seen)
-    )
-    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    ) as client:
+        messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
 
-    async def ask() -> Message:
-        if not stream:
-            return await client.messages.create(model="m", max_tokens=64, tools=[WEATHER], messages=messages)
-        async with client.messages.stream(
-            model="m", max_tokens=64, tools=[WEATHER], messages=messages
-        ) as events:
-            text = "".join([e.text async for e in events if e.type == "text"])
-            final = await events.get_final_message()
-        assert text == "".join(b.text for b in final.content if b.type == "text")
-        return final
+        async def ask() -> Message:
+            if not stream:
+                return await client.messages.create(
+                    model="m", max_tokens=64, tools=[WEATHER], messages=messages
+                )
+            async with client.messages.stream(
+                model="m", max_tokens=64, tools=[WEATHER], messages=messages
+            ) as events:
+                text = "".join([e.text async for e in events if e.type == "text"])
+                final = await events.get_final_message()
+            assert text == "".join(b.text for b in final.content if b.type == "text")
+            return final
 
-    first = await ask()
-    assert first.stop_reason == "tool_use"
-    [use] = [b for b in first.content if b.type == "tool_use"]
-    assert (use.id, use.name, use.input) == (CALL_ID, "get_weather", {"city": "Paris"})
-    messages += [
-        {"role": "assistant", "content": first.content},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]},
-    ]
-    second = await ask()
-    assert (second.stop_reason, second.content[0].text) == ("end_turn", "It is 18C in Paris.")  # type: ignore[union-attr]
-    assert [m["role"] for m in seen[-1].payload["messages"]] == ["user", "assistant", "tool"]
-    assert [c.stream for c in seen] == [stream, stream]
+        first = await ask()
+        assert first.stop_reason == "tool_use"
+        [use] = [b for b in first.content if b.type == "tool_use"]
+        assert (use.id, use.name, use.input) == (CALL_ID, "get_weather", {"city": "Paris"})
+        messages += [
+            {"role": "assistant", "content": first.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]},
+        ]
+        second = await ask()
+        assert (second.stop_reason, second.content[0].text) == ("end_turn", "It is 18C in Paris.")  # type: ignore[union-attr]
+        assert [m["role"] for m in seen[-1].payload["messages"]] == ["user", "assistant", "tool"]
+        assert [c.stream for c in seen] == [stream, stream]
 
 
 async def test_the_sdk_reads_a_refusal_as_its_bad_request_error() -> None:
-    client = anthropic.AsyncAnthropic(
+    async with anthropic.AsyncAnthropic(
         base_url="http://proxy", api_key="x", max_retries=0, http_client=serving(weather_script, [])
-    )
-    with pytest.raises(anthropic.BadRequestError, match="web_search_20250305") as caught:
-        await client.messages.create(
-            model="m",
-            max_tokens=64,
-            tools=[{"type": "web_search_20250305", "name": "web_search"}],
-            messages=[{"role": "user", "content": "Hi"}],
+    ) as client:
+        with pytest.raises(anthropic.BadRequestError, match="web_search_20250305") as caught:
+            await client.messages.create(
+                model="m",
+                max_tokens=64,
+                tools=[{"type": "web_search_20250305", "name": "web_search"}],
+                messages=[{"role": "user", "content": "Hi"}],
+            )
+        assert (
+            isinstance(caught.value.body, dict)
+            and caught.value.body["error"]["type"] == "invalid_request_error"
         )
-    assert (
-        isinstance(caught.value.body, dict) and caught.value.body["error"]["type"] == "invalid_request_error"
-    )

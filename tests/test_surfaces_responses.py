@@ -528,21 +528,21 @@ async def test_the_stream_is_the_typed_sequence_and_accumulates_to_the_json_body
     ]
     # the SDK's stream helper accumulates the events (it fails on any out of place): the text
     # and arguments it has gathered by each item's last delta are the terminal response's
-    client = openai.AsyncOpenAI(
+    async with openai.AsyncOpenAI(
         base_url="http://proxy/v1", api_key="x", http_client=serving(lambda _: events, store, [])
-    )
-    async with client.responses.stream(model="m", input="Weather?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
-        seen = [e async for e in stream]
-    assert [e.type for e in seen] == types
-    terminal: Any = seen[-1]
-    gathered = {e.item_id: e.snapshot for e in seen if e.type in DELTAS}  # type: ignore[union-attr]
-    assert gathered == {
-        o.id: o.content[0].text if o.type == "message" else o.arguments  # type: ignore[union-attr]
-        for o in terminal.response.output
-        if o.id in gathered
-    }
-    if status == "completed":
-        assert summary(await stream.get_final_response()) == summary(terminal.response)
+    ) as client:
+        async with client.responses.stream(model="m", input="Weather?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
+            seen = [e async for e in stream]
+        assert [e.type for e in seen] == types
+        terminal: Any = seen[-1]
+        gathered = {e.item_id: e.snapshot for e in seen if e.type in DELTAS}  # type: ignore[union-attr]
+        assert gathered == {
+            o.id: o.content[0].text if o.type == "message" else o.arguments  # type: ignore[union-attr]
+            for o in terminal.response.output
+            if o.id in gathered
+        }
+        if status == "completed":
+            assert summary(await stream.get_final_response()) == summary(terminal.response)
 
 
 async def test_the_response_object(store: ResponseStore) -> None:
@@ -871,29 +871,29 @@ def weather_script(call: ResponsesCall) -> list[Event]:
 @pytest.mark.parametrize("stream", [pytest.param(False, id="create"), pytest.param(True, id="stream-helper")])
 async def test_the_openai_sdk_reads_a_tool_loop(stream: bool, store: ResponseStore) -> None:
     seen: list[ResponsesCall] = []
-    client = openai.AsyncOpenAI(
+    async with openai.AsyncOpenAI(
         base_url="http://proxy/v1", api_key="x", http_client=serving(weather_script, store, seen)
-    )
+    ) as client:
 
-    async def ask(**kwargs: Any) -> Response:
-        if not stream:
-            return await client.responses.create(model="m", tools=[WEATHER], **kwargs)  # type: ignore[list-item]
-        async with client.responses.stream(model="m", tools=[WEATHER], **kwargs) as events:  # type: ignore[list-item]
-            deltas = [e.delta async for e in events if e.type == "response.output_text.delta"]
-            final = await events.get_final_response()
-        assert "".join(deltas) == final.output_text
-        return final
+        async def ask(**kwargs: Any) -> Response:
+            if not stream:
+                return await client.responses.create(model="m", tools=[WEATHER], **kwargs)  # type: ignore[list-item]
+            async with client.responses.stream(model="m", tools=[WEATHER], **kwargs) as events:  # type: ignore[list-item]
+                deltas = [e.delta async for e in events if e.type == "response.output_text.delta"]
+                final = await events.get_final_response()
+            assert "".join(deltas) == final.output_text
+            return final
 
-    first = await ask(input="Weather in Paris?")
-    [call] = [o for o in first.output if o.type == "function_call"]
-    assert (call.name, call.arguments, call.call_id) == ("get_weather", '{"city": "Paris"}', CALL_ID)
-    second = await ask(
-        previous_response_id=first.id,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
-    )
-    assert second.output_text == "It is 18C in Paris."
-    assert second.previous_response_id == first.id
-    assert [m["role"] for m in seen[-1].payload["messages"]] == ["user", "assistant", "tool"]
+        first = await ask(input="Weather in Paris?")
+        [call] = [o for o in first.output if o.type == "function_call"]
+        assert (call.name, call.arguments, call.call_id) == ("get_weather", '{"city": "Paris"}', CALL_ID)
+        second = await ask(
+            previous_response_id=first.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
+        )
+        assert second.output_text == "It is 18C in Paris."
+        assert second.previous_response_id == first.id
+        assert [m["role"] for m in seen[-1].payload["messages"]] == ["user", "assistant", "tool"]
 
 
 @pytest.mark.parametrize("streamed", [pytest.param(False, id="run"), pytest.param(True, id="run-streamed")])
@@ -909,25 +909,25 @@ async def test_the_agents_sdk_runs_a_function_tool(streamed: bool, store: Respon
         return "18C"
 
     seen: list[ResponsesCall] = []
-    client = openai.AsyncOpenAI(
+    async with openai.AsyncOpenAI(
         base_url="http://proxy/v1", api_key="x", http_client=serving(weather_script, store, seen)
-    )
-    agent = agents.Agent(
-        name="weather",
-        instructions="Answer about the weather.",
-        tools=[get_weather],
-        model=agents.OpenAIResponsesModel(model="m", openai_client=client),
-    )
-    config = agents.RunConfig(tracing_disabled=True)
-    if streamed:
-        result: Any = agents.Runner.run_streamed(agent, "Weather in Paris?", run_config=config)
-        kinds = {event.type async for event in result.stream_events()}
-        assert "raw_response_event" in kinds
-    else:
-        result = await agents.Runner.run(agent, "Weather in Paris?", run_config=config)
-    assert result.final_output == "It is 18C in Paris."
-    assert asked == ["Paris"]
-    assert [c.request.stream for c in seen] == [streamed, streamed]
-    # the SDK sends the whole conversation back (no previous_response_id): its items parsed
-    assert [m["role"] for m in seen[-1].payload["messages"]] == ["system", "user", "assistant", "tool"]
-    assert seen[-1].payload["messages"][2]["tool_calls"][0]["id"] == CALL_ID
+    ) as client:
+        agent = agents.Agent(
+            name="weather",
+            instructions="Answer about the weather.",
+            tools=[get_weather],
+            model=agents.OpenAIResponsesModel(model="m", openai_client=client),
+        )
+        config = agents.RunConfig(tracing_disabled=True)
+        if streamed:
+            result: Any = agents.Runner.run_streamed(agent, "Weather in Paris?", run_config=config)
+            kinds = {event.type async for event in result.stream_events()}
+            assert "raw_response_event" in kinds
+        else:
+            result = await agents.Runner.run(agent, "Weather in Paris?", run_config=config)
+        assert result.final_output == "It is 18C in Paris."
+        assert asked == ["Paris"]
+        assert [c.request.stream for c in seen] == [streamed, streamed]
+        # the SDK sends the whole conversation back (no previous_response_id): its items parsed
+        assert [m["role"] for m in seen[-1].payload["messages"]] == ["system", "user", "assistant", "tool"]
+        assert seen[-1].payload["messages"][2]["tool_calls"][0]["id"] == CALL_ID

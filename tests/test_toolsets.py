@@ -111,9 +111,10 @@ def test_openapi_toolset_runs_in_the_proxy(
         program("```python\npet = getPetById(petId=7)\nprint(pet['name'], pet['id'])\n```"),
         program("It is Rex."),
     )
-    result = client(proxy).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Who is pet 7?"}]
-    )
+    with client(proxy) as sdk:
+        result = sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Who is pet 7?"}]
+        )
     assert result.choices[0].message.content == "It is Rex." and result.choices[0].finish_reason == "stop"
     first, second = (r.json["messages"] for r in upstream.received[-2:])
     assert "def getPetById(petId: int):" in first[0]["content"]
@@ -129,9 +130,10 @@ def test_mcp_toolset_over_stdio(proxy: UvicornThread, upstream: ScriptedUpstream
         ),
         program("It is daytime somewhere."),
     )
-    result = client(proxy).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Time?"}]
-    )
+    with client(proxy) as sdk:
+        result = sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Time?"}]
+        )
     assert result.choices[0].message.content == "It is daytime somewhere."
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\nUTC True"
 
@@ -139,7 +141,8 @@ def test_mcp_toolset_over_stdio(proxy: UvicornThread, upstream: ScriptedUpstream
 def test_server_and_client_tools_in_one_program(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
     upstream.plan(program("```python\npet = getPetById(petId=3)\nprint(get_weather(city=pet['name']))\n```"))
     messages: list[Any] = [{"role": "user", "content": "Weather where pet 3 lives?"}]
-    first = client(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    with client(proxy) as sdk:
+        first = sdk.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     calls = first.choices[0].message.tool_calls or []
     # the server call ran silently; only the client's tool goes out
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
@@ -150,7 +153,8 @@ def test_server_and_client_tools_in_one_program(proxy: UvicornThread, upstream: 
         first.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
     ]
-    final = client(proxy).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+    with client(proxy) as sdk:
+        final = sdk.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
     assert final.choices[0].message.content == "Sunny where Rex is."
     assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\nsunny"
 
@@ -162,31 +166,31 @@ def test_clashing_client_tool_name_is_400(proxy: UvicornThread) -> None:
             "function": {"name": "getPetById", "parameters": {"type": "object", "properties": {}}},
         }
     ]
-    with pytest.raises(openai.BadRequestError, match="clash"):
-        client(proxy).chat.completions.create(
+    with client(proxy) as sdk, pytest.raises(openai.BadRequestError, match="clash"):
+        sdk.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], tools=clash
         )
 
 
 def test_keys_limited_to_toolsets(proxy: UvicornThread, upstream: ScriptedUpstream) -> None:
-    limited = client(proxy, "sk-time-0123456789")
-    upstream.plan(program("ok"))
-    limited.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    system = upstream.received[-1].json["messages"][0]["content"]
-    assert "def get_current_time" in system and "getPetById" not in system  # not offered
-    with pytest.raises(openai.PermissionDeniedError):
-        limited.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "x"}],
-            tools=WEATHER,
-            tool_choice={"type": "function", "function": {"name": "getPetById"}},
+    with client(proxy, "sk-time-0123456789") as limited:
+        upstream.plan(program("ok"))
+        limited.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        system = upstream.received[-1].json["messages"][0]["content"]
+        assert "def get_current_time" in system and "getPetById" not in system  # not offered
+        with pytest.raises(openai.PermissionDeniedError):
+            limited.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "x"}],
+                tools=WEATHER,
+                tool_choice={"type": "function", "function": {"name": "getPetById"}},
+            )
+        # a program calling it anyway finds no such function in its kernel
+        upstream.plan(program("```python\ngetPetById(petId=1)\n```"), program("no pets for you"))
+        refused = limited.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
         )
-    # a program calling it anyway finds no such function in its kernel
-    upstream.plan(program("```python\ngetPetById(petId=1)\n```"), program("no pets for you"))
-    refused = limited.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
-    )
-    assert refused.choices[0].message.content is not None
+        assert refused.choices[0].message.content is not None
 
 
 def test_mcp_toolset_over_streamable_http(
@@ -208,9 +212,10 @@ def test_mcp_toolset_over_streamable_http(
             {"model_list": models, "toolsets": {"adder": {"mcp": {"url": http_mcp.url + "/mcp"}}}}
         )
         upstream.plan(program("```python\nprint(add(a=2, b=3))\n```"), program("Five."))
-        result = client(proxy).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "2+3?"}]
-        )
+        with client(proxy) as sdk:
+            result = sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "2+3?"}]
+            )
         assert result.choices[0].message.content == "Five."
         assert "def add(a: int, b: int):" in upstream.received[-2].json["messages"][0]["content"]
         assert upstream.received[-1].json["messages"][-1]["content"] == "Observation:\n{'result': 5}"

@@ -61,8 +61,10 @@ def test_a_session_is_one_trace_with_generations_actions_and_tool_calls(
 ) -> None:
     settings = settings_from(tmp_path, traced_config(upstream_url, receiver.url))
     headers: list[str | None] = []
-    with UvicornThread(create_app(settings)) as proxy:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with (
+        UvicornThread(create_app(settings)) as proxy,
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
         # 1: a reply that needs a repair, then a loop program calling the client's tool
         upstream.plan(program('```python\nget_weather(town="Paris")\n```'), program(LOOP_PROGRAM))
         messages: list[Any] = [{"role": "user", "content": "Which is hotter, Paris or Rome?"}]
@@ -127,8 +129,10 @@ def test_pass_through_requests_get_a_trace_of_their_own(
     tmp_path: Any, upstream: ScriptedUpstream, upstream_url: str, receiver: OTLPReceiver
 ) -> None:
     settings = settings_from(tmp_path, traced_config(upstream_url, receiver.url))
-    with UvicornThread(create_app(settings)) as proxy:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with (
+        UvicornThread(create_app(settings)) as proxy,
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
         upstream.plan(program("hello"))
         response, trace = create(client, [{"role": "user", "content": "hi"}])
         assert response.choices[0].message.content == "hello"
@@ -142,8 +146,10 @@ def test_no_tracing_config_means_no_header_and_nothing_sent(
 ) -> None:
     settings = settings_from(tmp_path, {"model_list": upstream_models(upstream_url)})
     assert settings.tracing.langfuse is None
-    with UvicornThread(create_app(settings)) as proxy:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with (
+        UvicornThread(create_app(settings)) as proxy,
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
         upstream.plan(program('```python\nget_weather(city="Paris")\n```'))
         response, trace = create(client, [{"role": "user", "content": "Paris?"}], tools=WEATHER)
     assert response.choices[0].finish_reason == "tool_calls" and trace is None
@@ -169,8 +175,10 @@ def test_a_broken_tracer_never_fails_a_request(
         raise RuntimeError("tracing backend exploded")
 
     monkeypatch.setattr(client_of_tracer, "start_observation", broken)
-    with UvicornThread(app) as proxy:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with (
+        UvicornThread(app) as proxy,
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
         upstream.plan(program('```python\nget_weather(city="Paris")\n```'), program("plain"))
         response, trace = create(client, [{"role": "user", "content": "Paris?"}], tools=WEATHER)
         assert response.choices[0].finish_reason == "tool_calls" and trace is None
@@ -195,8 +203,10 @@ def test_server_side_tool_calls_are_spans_with_their_results(
                 "headers": {"api_key": "s3cret"},
             }
         }
-        with UvicornThread(create_app(settings_from(tmp_path, config))) as proxy:
-            client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        with (
+            UvicornThread(create_app(settings_from(tmp_path, config))) as proxy,
+            openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client,
+        ):
             upstream.plan(
                 program("```python\nfor i in (7, 8):\n    print(getPetById(petId=i)['id'])\n```"),
                 program("Pets 7 and 8."),

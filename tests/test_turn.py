@@ -6,6 +6,7 @@ Real uvicorn, the openai SDK, real kernels; the scripted upstream plays the mode
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -23,8 +24,9 @@ def proxy(make_proxy: ProxyFactory, upstream_url: str) -> UvicornThread:
 
 
 @pytest.fixture
-def client(proxy: UvicornThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+def client(proxy: UvicornThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 def ask(client: openai.OpenAI, messages: list[Any], **kwargs: Any) -> Any:

@@ -80,39 +80,39 @@ def first_two_turns(client: openai.OpenAI, upstream: ScriptedUpstream, model: st
 def test_kernel_killed_mid_cell(tmp_path: Path, upstream_url: str, upstream: ScriptedUpstream) -> None:
     server = start(write_config(tmp_path, config(upstream_url)))
     try:
-        client = sdk(server)
-        upstream.plan(
-            program("```python\nimport time\ntime.sleep(30)\nprint('never')\n```"),
-            program("The kernel died; I will try again."),
-        )
-        result: dict[str, Any] = {}
-
-        def ask() -> None:
-            result["r"] = client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "sleep"}], tools=WEATHER
+        with sdk(server) as client:
+            upstream.plan(
+                program("```python\nimport time\ntime.sleep(30)\nprint('never')\n```"),
+                program("The kernel died; I will try again."),
             )
+            result: dict[str, Any] = {}
 
-        thread = threading.Thread(target=ask)
-        thread.start()
-        pool = server.server.config.app.state.pool
-        deadline = time.monotonic() + 30
-        while not any(k["state"] == "busy" for k in pool.snapshot()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        time.sleep(0.5)  # inside time.sleep(30) now
-        [busy] = [k for k in pool.snapshot() if k["state"] == "busy"]
-        os.kill(busy["pid"], signal.SIGKILL)
-        thread.join(timeout=60)
-        # the model is told, and answers; nothing waited for the 30 s
-        assert result["r"].choices[0].message.content == "The kernel died; I will try again."
-        assert "The kernel died" in upstream.received[-1].json["messages"][-1]["content"]
-        # the conversation goes on with a fresh kernel
-        upstream.plan(program("```python\nprint(6 * 7)\n```"), program("42"))
-        again = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "6*7?"}], tools=WEATHER
-        )
-        assert again.choices[0].message.content == "42"
-        assert not alive(busy["pid"])
+            def ask() -> None:
+                result["r"] = client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "sleep"}], tools=WEATHER
+                )
+
+            thread = threading.Thread(target=ask)
+            thread.start()
+            pool = server.server.config.app.state.pool
+            deadline = time.monotonic() + 30
+            while not any(k["state"] == "busy" for k in pool.snapshot()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)  # inside time.sleep(30) now
+            [busy] = [k for k in pool.snapshot() if k["state"] == "busy"]
+            os.kill(busy["pid"], signal.SIGKILL)
+            thread.join(timeout=60)
+            # the model is told, and answers; nothing waited for the 30 s
+            assert result["r"].choices[0].message.content == "The kernel died; I will try again."
+            assert "The kernel died" in upstream.received[-1].json["messages"][-1]["content"]
+            # the conversation goes on with a fresh kernel
+            upstream.plan(program("```python\nprint(6 * 7)\n```"), program("42"))
+            again = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "6*7?"}], tools=WEATHER
+            )
+            assert again.choices[0].message.content == "42"
+            assert not alive(busy["pid"])
     finally:
         pids = kernel_pids(server)
         server.stop()
@@ -179,18 +179,18 @@ def test_redis_restarted_between_turns(
     cfg = config(upstream_url, sessions={"redis_url": persistent_redis.url, "secret": "a-secret-of-replicas"})
     server = start(write_config(tmp_path, cfg))
     try:
-        client = sdk(server)
-        messages = first_two_turns(client, upstream, "gpt-4o-mini")
-        persistent_redis.stop()
-        # while Redis is away: a clear, retryable error
-        with pytest.raises(openai.InternalServerError) as down:
-            client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-        assert down.value.status_code == 503 and "retry" in str(down.value.body)
-        persistent_redis.start()  # the same directory: the log comes back from the AOF
-        upstream.plan(program(ANSWER))
-        final = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-        assert final.choices[0].message.content == ANSWER
-        assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
+        with sdk(server) as client:
+            messages = first_two_turns(client, upstream, "gpt-4o-mini")
+            persistent_redis.stop()
+            # while Redis is away: a clear, retryable error
+            with pytest.raises(openai.InternalServerError) as down:
+                client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+            assert down.value.status_code == 503 and "retry" in str(down.value.body)
+            persistent_redis.start()  # the same directory: the log comes back from the AOF
+            upstream.plan(program(ANSWER))
+            final = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+            assert final.choices[0].message.content == ANSWER
+            assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
     finally:
         pids = kernel_pids(server)
         server.stop()
@@ -206,7 +206,8 @@ def test_proxy_restarted_between_tool_calls_and_results(
     )
     first = start(path)
     try:
-        messages = first_two_turns(sdk(first), upstream, "gpt-4o-mini")
+        with sdk(first) as client:
+            messages = first_two_turns(client, upstream, "gpt-4o-mini")
     finally:
         first_pids = kernel_pids(first)
         first.stop()  # the session's kernel goes with it
@@ -214,7 +215,8 @@ def test_proxy_restarted_between_tool_calls_and_results(
     second = start(path)
     try:
         upstream.plan(program(ANSWER))
-        final = sdk(second).chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+        with sdk(second) as client:
+            final = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
         assert final.choices[0].message.content == ANSWER  # replayed from the log, nothing lost
         assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
     finally:
@@ -239,18 +241,18 @@ def test_upstream_fault_inside_the_loop_is_retryable(
 ) -> None:
     server = start(write_config(tmp_path, config(upstream_url)))
     try:
-        client = sdk(server)
-        messages = first_two_turns(client, upstream, model)
-        upstream.plan(fault)  # the program finishes, then the model call for the answer fails
-        with pytest.raises(openai.APIStatusError) as failed:
-            client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
-        assert failed.value.status_code == status
-        assert set(failed.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
-        # the client retries the same request: the program's result was kept, nothing runs twice
-        upstream.plan(program(ANSWER))
-        final = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
-        assert final.choices[0].message.content == ANSWER
-        assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
+        with sdk(server) as client:
+            messages = first_two_turns(client, upstream, model)
+            upstream.plan(fault)  # the program finishes, then the model call for the answer fails
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
+            assert failed.value.status_code == status
+            assert set(failed.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+            # the client retries the same request: the program's result was kept, nothing runs twice
+            upstream.plan(program(ANSWER))
+            final = client.chat.completions.create(model=model, messages=messages, tools=WEATHER)
+            assert final.choices[0].message.content == ANSWER
+            assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
     finally:
         server.stop()
 
@@ -260,22 +262,22 @@ def test_truncated_stream_is_an_error_event_then_a_retry_works(
 ) -> None:
     server = start(write_config(tmp_path, config(upstream_url)))
     try:
-        client = sdk(server)
-        chunks = load_recording(CONTENT)
-        upstream.plan(Stream(chunks=chunks, truncate=True), Stream(chunks=chunks))
-        with pytest.raises(openai.APIError):
-            for _ in client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
-            ):
-                pass
-        text = "".join(
-            c.choices[0].delta.content or ""
-            for c in client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        with sdk(server) as client:
+            chunks = load_recording(CONTENT)
+            upstream.plan(Stream(chunks=chunks, truncate=True), Stream(chunks=chunks))
+            with pytest.raises(openai.APIError):
+                for _ in client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+                ):
+                    pass
+            text = "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                if c.choices
             )
-            if c.choices
-        )
-        assert text
+            assert text
     finally:
         server.stop()
 
@@ -289,33 +291,36 @@ def test_client_gone_mid_request_leaves_no_stuck_lock_or_kernel(
     cfg = config(upstream_url, kernels={"min_idle": 1, "max_total": 3, "session_idle_seconds": 1})
     server = start(write_config(tmp_path, cfg))
     try:
-        client = sdk(server)
-        messages = first_two_turns(client, upstream, "gpt-4o-mini")
-        upstream.plan(Hang(1.5), program(ANSWER))  # the answer is slow; the client gives up at 0.3 s
-        impatient = sdk(server, timeout=0.3)
-        with pytest.raises(openai.APITimeoutError):
-            impatient.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-        # at once, the same request again: it waits for the lock at most until the first is done
-        final = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
-        assert final.choices[0].message.content == ANSWER
-        assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
-        # a stream the client drops after its first chunk
-        gate = threading.Event()
-        upstream.plan(Stream(chunks=load_recording(CONTENT), gate=gate))
-        with httpx.stream(
-            "POST",
-            server.url + "/v1/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-        ) as response:
-            next(response.iter_bytes())
-        gate.set()
-        # idle sessions give their kernels back (session_idle_seconds: 1): the pool is idle again
-        pool = server.server.config.app.state.pool
-        deadline = time.monotonic() + 15
-        while pool.stats().busy and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert pool.stats().busy == 0
-        assert httpx.get(server.url + "/health").status_code == 200
+        with sdk(server) as client:
+            messages = first_two_turns(client, upstream, "gpt-4o-mini")
+            upstream.plan(Hang(1.5), program(ANSWER))  # the answer is slow; the client gives up at 0.3 s
+            with sdk(server, timeout=0.3) as impatient, pytest.raises(openai.APITimeoutError):
+                impatient.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+            # at once, the same request again: it waits for the lock at most until the first is done
+            final = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
+            assert final.choices[0].message.content == ANSWER
+            assert upstream.received[-1].json["messages"][-1]["content"] == OBSERVATION
+            # a stream the client drops after its first chunk
+            gate = threading.Event()
+            upstream.plan(Stream(chunks=load_recording(CONTENT), gate=gate))
+            with httpx.stream(
+                "POST",
+                server.url + "/v1/chat/completions",
+                json={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": True,
+                },
+            ) as response:
+                next(response.iter_bytes())
+            gate.set()
+            # idle sessions give their kernels back (session_idle_seconds: 1): the pool is idle again
+            pool = server.server.config.app.state.pool
+            deadline = time.monotonic() + 15
+            while pool.stats().busy and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert pool.stats().busy == 0
+            assert httpx.get(server.url + "/health").status_code == 200
     finally:
         pids = kernel_pids(server)
         server.stop()
@@ -399,15 +404,15 @@ def test_a_kept_alive_connection_the_upstream_dropped_is_retried(tmp_path: Path)
             write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
         )
         try:
-            client = sdk(server)
-            # the second goes out on the pooled, now dead, connection, and again on a new one
-            # (closed after it); the third finds no pooled connection and opens one
-            for _ in range(3):
-                reply = client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}]
-                )
-                assert reply.choices[0].message.content == "fresh"
-            assert flaky.requests == 3 and flaky.dropped == 1
+            with sdk(server) as client:
+                # the second goes out on the pooled, now dead, connection, and again on a new one
+                # (closed after it); the third finds no pooled connection and opens one
+                for _ in range(3):
+                    reply = client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": "hi"}]
+                    )
+                    assert reply.choices[0].message.content == "fresh"
+                assert flaky.requests == 3 and flaky.dropped == 1
         finally:
             server.stop()
 
