@@ -218,6 +218,54 @@ def test_invalid_program_is_repaired(client: openai.OpenAI, upstream: ScriptedUp
     assert result.usage is not None and result.usage.total_tokens == 26  # both model calls counted
 
 
+def ended(text: str, finish_reason: str) -> Reply:
+    body = canned_completion("scripted", text)
+    body["choices"][0]["finish_reason"] = finish_reason
+    return Reply(json=body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_block_the_model_ended_itself_is_closed_one_cut_off_is_repaired(
+    client: openai.OpenAI, upstream: ScriptedUpstream, stream: bool
+) -> None:
+    """The model stopped (finish_reason stop) inside its python block: the block ends there. Cut
+    off by max_tokens (length), the program may be half written: the model is asked again."""
+    upstream.plan(ended('I will look.\n```python\nget_weather(city="Oslo")\n', "stop"))
+    result = collect(client, stream, [{"role": "user", "content": "Oslo?"}])
+    assert [(c["name"], json.loads(c["arguments"])) for c in result["calls"]] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    assert len(upstream.received) == 1
+
+    upstream.reset()
+    upstream.plan(
+        ended('```python\nx = 1\nget_weather(city="Os', "length"),
+        program('```python\nget_weather(city="Oslo")\n```'),
+    )
+    result = collect(client, stream, [{"role": "user", "content": "Oslo?"}])
+    assert [c["name"] for c in result["calls"]] == ["get_weather"]
+    assert len(upstream.received) == 2
+    assert "not closed" in upstream.received[-1].json["messages"][-1]["content"]
+
+
+def collect(client: openai.OpenAI, stream: bool, messages: list[Any]) -> dict[str, Any]:
+    """The tool calls of one reply, streamed or not."""
+    if not stream:
+        message = ask(client, messages).choices[0].message
+        return {
+            "calls": [
+                {"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []
+            ]
+        }
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in ask(client, messages, stream=True):
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            call["name"] += (delta.function.name or "") if delta.function else ""
+            call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    return {"calls": [calls[i] for i in sorted(calls)]}
+
+
 def test_tool_choice_none_answers_without_tools(client: openai.OpenAI, upstream: ScriptedUpstream) -> None:
     upstream.plan(program("Just an answer."))
     result = ask(client, [{"role": "user", "content": "hi"}], tool_choice="none")

@@ -28,6 +28,9 @@ def test_recorded_openai_stream(step: int) -> None:
         "Hello there",
         {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
     )
+    parser = ChatStreamParser("m")
+    parser.feed(raw)
+    assert parser.finish_reason == "stop"  # said in the last content chunk's successor
 
 
 @pytest.mark.parametrize(
@@ -60,7 +63,9 @@ def test_broken_streams_are_upstream_errors(raw: bytes) -> None:
 
 def test_a_server_that_ignores_stream_answers_one_body() -> None:
     body = b'{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
-    assert completion_text(body, "m") == ("hi", {"prompt_tokens": 1, "completion_tokens": 1})
+    assert completion_text(body, "m") == ("hi", {"prompt_tokens": 1, "completion_tokens": 1}, None)
+    ended = b'{"choices":[{"message":{"content":"hi"},"finish_reason":"length"}]}'
+    assert completion_text(ended, "m") == ("hi", {}, "length")
     for bad in (b"{", b"[]", b'{"error": "nope"}'):
         with pytest.raises(UpstreamError):
             completion_text(bad, "m")

@@ -10,7 +10,7 @@ import pytest
 from tests.bfcl import CATEGORIES, cases, expected_calls, tools_of
 from translators.actions import Call, KernelProgram, StaticCalls, classify, render_call
 from translators.errors import CallError, OutputError
-from translators.output import Action, Answer, parse_output
+from translators.output import Action, Answer, closing_fence, parse_output
 from translators.prompt import build_prompt
 from translators.tools import Toolset
 
@@ -267,6 +267,23 @@ def test_parse_output(text: str, expected: Answer | Action) -> None:
 def test_parse_output_errors(text: str, message: str) -> None:
     with pytest.raises(OutputError, match=message):
         parse_output(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fence"),
+    [
+        ("```python\nf(1)\n", "```"),
+        ("Let me.\n```py\nf(1)", "\n```"),
+        ("```python\nf(1)\n```", ""),  # closed already
+        ("Just an answer.", ""),
+        ("```json\n{", ""),  # not a python block: an answer's sample, not ours to close
+    ],
+)
+def test_closing_fence(text: str, fence: str) -> None:
+    assert closing_fence(text) == fence
+    if fence:
+        assert isinstance(parse_output(text + fence), Action)
+
 
 
 # --- history ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from translators.errors import OutputError
 
-__all__ = ["Action", "Answer", "parse_output"]
+__all__ = ["Action", "Answer", "closing_fence", "parse_output"]
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+-]*)[ \t]*$", re.MULTILINE)
 _CODE_LANGS = {"python", "py", "python3", ""}
@@ -28,6 +28,16 @@ class Answer:
 class Action:
     source: str
     thought: str = ""
+
+
+def closing_fence(text: str) -> str:
+    """What closes a python block left open at the end of ``text`` ("" if none is open): for
+    a reply the model ended itself (finish_reason ``stop``) inside its code block, so that the
+    block counts as what it wrote rather than as a missing line to ask for again."""
+    fences = list(_FENCE.finditer(text))
+    if len(fences) % 2 == 0 or fences[-1].group(1).lower() not in _CODE_LANGS:
+        return ""
+    return "```" if text.endswith("\n") else "\n```"
 
 
 def parse_output(text: str) -> Answer | Action:

@@ -46,6 +46,7 @@ from translators import (
     StaticCalls,
     Toolset,
     classify,
+    closing_fence,
     parse_output,
 )
 from translators.actions import Call
@@ -93,7 +94,20 @@ def check_tool_choice(choice: str, program: StaticCalls | KernelProgram, toolset
         raise OutputError(f"This reply must call {tool.py if tool else name}, and only it.")
 
 
-async def _timed(generation: Generation, clock: UpstreamClock) -> AsyncIterator[str]:
+async def _closed(generation: Generation, reader: OutputReader) -> AsyncIterator[str]:
+    """The generation's deltas, and a closing fence when the model ended its reply itself
+    (finish_reason ``stop``) inside its python block: it meant the block to end there. A reply
+    cut off by ``max_tokens`` (``length``) is not closed: its program may be half written."""
+    async for delta in generation:
+        yield delta
+    if generation.finish_reason == "stop":
+        fence = closing_fence(reader.text)
+        if fence:
+            log.info("the model stopped inside its python block; closing it")
+            yield fence
+
+
+async def _timed(generation: AsyncIterator[str], clock: UpstreamClock) -> AsyncIterator[str]:
     """The generation's deltas; time spent waiting for them is the upstream's, not ours."""
     iterator = generation.__aiter__()
     while True:
@@ -212,7 +226,7 @@ class ModelTurn:
                     job = GenerationRequest(prompt, step.request, step.payload, step.grammar)
                     generation = await self.router.generate(job, step.clock)
                     try:
-                        async for delta in _timed(generation, step.clock):
+                        async for delta in _timed(_closed(generation, reader), step.clock):
                             for event in reader.feed(delta):
                                 if isinstance(event, Prose) and show_prose:
                                     yield self._show(step, event.text, shown)

@@ -141,6 +141,7 @@ class Generation(abc.ABC):
     usage: dict[str, int] = field(default_factory=dict)
     grammar_enforced: bool = False  # the backend applied the grammar itself (no need to check)
     server: str | None = None  # what the upstream says it is (its Server header), for logs
+    finish_reason: str | None = None  # once it ends: "stop", "length", ... (None: not said)
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[str]: ...

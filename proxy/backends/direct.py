@@ -123,7 +123,7 @@ class _DirectGeneration(Generation):
     async def __aiter__(self) -> AsyncIterator[str]:
         if self._whole:
             body = b"".join([chunk async for chunk in self._stream])
-            text, self.usage = completion_text(body, self._model_name)
+            text, self.usage, self.finish_reason = completion_text(body, self._model_name)
             if text:
                 yield text
             return
@@ -136,6 +136,7 @@ class _DirectGeneration(Generation):
         if text:
             yield text
         self.usage = parser.usage
+        self.finish_reason = parser.finish_reason
 
     async def aclose(self) -> None:
         await self._stream.aclose()  # read to the end: back to the pool; else dropped (the upstream stops)

@@ -131,6 +131,8 @@ class _LiteLLMGeneration(Generation):
                     }
                 for choice in chunk.choices or []:
                     content = getattr(choice.delta, "content", None)
+                    if getattr(choice, "finish_reason", None) and not getattr(choice, "index", 0):
+                        self.finish_reason = str(choice.finish_reason)
                     if content and not getattr(choice, "index", 0):
                         yield content
         except CablectlError:

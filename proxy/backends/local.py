@@ -356,6 +356,8 @@ class _LocalGeneration(Generation):
         async for chunk in self._sampler.chunks():
             for choice in chunk["choices"]:
                 content = choice["delta"].get("content")
+                if choice.get("finish_reason"):
+                    self.finish_reason = str(choice["finish_reason"])
                 if content:
                     yield content
         self.usage = dict(self._sampler.usage)

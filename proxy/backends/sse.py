@@ -19,8 +19,8 @@ from proxy.errors import UpstreamError
 __all__ = ["ChatStreamParser", "completion_text"]
 
 
-def completion_text(body: bytes, model_name: str) -> tuple[str, dict[str, int]]:
-    """The message text and usage of a whole ``chat.completion`` body."""
+def completion_text(body: bytes, model_name: str) -> tuple[str, dict[str, int], str | None]:
+    """The message text, usage and finish reason of a whole ``chat.completion`` body."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -32,9 +32,11 @@ def completion_text(body: bytes, model_name: str) -> tuple[str, dict[str, int]]:
     if "error" in data:
         raise UpstreamError(f"The upstream for model {model_name!r} failed: {_error_text(data)}")
     choices = data.get("choices") or [{}]
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    message = first.get("message")
     content = message.get("content") if isinstance(message, dict) else None
-    return str(content or ""), _usage(data.get("usage"))
+    finish = first.get("finish_reason")
+    return str(content or ""), _usage(data.get("usage")), str(finish) if finish else None
 
 
 def _usage(raw: Any) -> dict[str, int]:
@@ -56,6 +58,7 @@ class ChatStreamParser:
 
     model_name: str
     usage: dict[str, int] = field(default_factory=dict)
+    finish_reason: str | None = None
     done: bool = False
     _buffer: bytes = b""
 
@@ -115,3 +118,5 @@ class ChatStreamParser:
             content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str) and content and not choice.get("index"):
                 out.append(content)
+            if isinstance(choice, dict) and not choice.get("index") and choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
