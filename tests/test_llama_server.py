@@ -18,14 +18,18 @@ with tool_choice required it writes prose, and cannot fix that when told (the re
 502); asked to compare two cities it writes a multi-line program (a helper function, a call,
 prints) that runs in the kernel. ``max_steps: 1`` ends the turn after that program.
 
-So the fail-open case here shows detection and a repair that fails, not one that succeeds: none
-was found for this model. A search of about 130 conversations (weather and email tools, the first
+Asked to send an email (tool_choice required) it writes out the stub it was shown, then calls
+it: outside the grammar, and unusable as written (the call would go to that do-nothing
+function). Read as with ``grammar: none``, the restated stub is left out and the call goes to the
+client as a tool call: the fail-open reply repaired without asking again. A re-ask has never
+worked for this model: a search of about 130 conversations (weather and email tools, the first
 83 BFCL simple_python cases, follow-ups after a call in the history; tool_choice auto and
 required) with about 320 re-asks, under 19 wordings of the repair message (the expected call
-form shown, an example reply, the bad reply left out of the history), gave no usable call: asked
-again, the model repeats its first reply or defines the tool itself. After a call in the history
-it copies the observation line into its block (``get_weather(city='Oslo') -> {...}``) and stops
-without closing it.
+form shown, an example reply, the bad reply left out of the history), and again after the
+re-asks said which tool name was redefined or that no tool was called, and with re-asks sampled
+at temperature 0.8, gave no usable call: asked again, the model repeats its first reply or
+defines the tool itself, with a body. After a call in the history it copies the observation
+line into its block (``get_weather(city='Oslo') -> {...}``).
 
 Sending llama-cpp-python's server a grammar it cannot parse (e.g. ``%llguidance`` Lark) does not
 fail open: the process dies (llama_sampler_init_grammar returns NULL and the sampler chain
@@ -141,6 +145,22 @@ COMPARE: dict[str, Any] = {
 }
 
 
+EMAIL: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "send_email",
+            "description": "Send an email.",
+            "parameters": {
+                "type": "object",
+                "properties": {"to": {"type": "string"}, "body": {"type": "string"}},
+                "required": ["to", "body"],
+            },
+        },
+    }
+]
+
+
 REQUIRED: dict[str, Any] = {
     "model": "served",
     "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
@@ -200,8 +220,25 @@ def test_a_server_that_ignores_the_grammar_is_detected_and_its_replies_judged_li
         # output, it is a kernel program, and it runs
         raw = client.chat.completions.with_raw_response.create(model="ignored", **COMPARE)
         result = raw.parse()
+
+        # outside the grammar, and unusable as written: the model wrote out the stub it was
+        # shown, then called it (kept, the call would go to that do-nothing function); read as
+        # with grammar: none, the restated stub is left out and the call goes to the client
+        emailed = client.chat.completions.create(
+            model="ignored",
+            messages=[{"role": "user", "content": "Send an email to bob@example.com saying hello."}],
+            tools=EMAIL,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=128,
+        )
+    sent = emailed.choices[0].message.tool_calls or []
+    assert emailed.choices[0].finish_reason == "tool_calls" and [c.function.name for c in sent] == [
+        "send_email"
+    ]
+    assert set(httpx.Response(200, content=sent[0].function.arguments).json()) == {"to", "body"}
     assert OUT_OF_STEPS in (result.choices[0].message.content or "")
-    assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 3
+    assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 4
     assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 1
     [cell] = cells(proxy, raw.headers["x-cablectl-session-id"])
     assert cell["error"] is None and cell["output"].strip()  # the program printed its comparison

@@ -182,6 +182,28 @@ def test_other_names_are_not_rebinding(source: str) -> None:
     classify(source, TOOLS)
 
 
+@pytest.mark.parametrize(
+    "stub",
+    [
+        'def get_weather(city: str, unit: str = "c") -> dict:\n    """Current temperature."""\n',
+        "def get_weather(city):\n    ...\n",
+        "async def get_weather(city):\n    pass\n",
+    ],
+)
+def test_a_restated_stub_is_left_out(stub: str) -> None:
+    """Small models write out the stub they were shown before calling it: a def of a tool's
+    name with no body of its own is left out (kept, the call would go to it and do nothing)."""
+    program = classify(stub + '\nget_weather("Oslo")\n', TOOLS)
+    assert isinstance(program, StaticCalls) and program.calls == (Call("get_weather", {"city": "Oslo"}),)
+    assert "def " not in program.source and 'get_weather("Oslo")' in program.source
+    looped = classify(stub + "for c in ['a', 'b']:\n    get_weather(c)\n", TOOLS)
+    assert isinstance(looped, KernelProgram) and "def " not in looped.source
+    with pytest.raises(OutputError, match="only restates"):
+        classify(stub, TOOLS)
+    with pytest.raises(OutputError, match="redefines get_weather"):  # a body of its own: refused
+        classify(stub + "    return {}\nget_weather('Oslo')\n", TOOLS)
+
+
 def test_syntax_errors_point_at_the_line() -> None:
     with pytest.raises(OutputError, match="line 2"):
         classify('get_weather(city="a")\nget_weather(city="b"', TOOLS)
@@ -283,7 +305,6 @@ def test_closing_fence(text: str, fence: str) -> None:
     assert closing_fence(text) == fence
     if fence:
         assert isinstance(parse_output(text + fence), Action)
-
 
 
 # --- history ---------------------------------------------------------------------------

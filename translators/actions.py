@@ -229,6 +229,36 @@ def _bound_names(node: ast.AST) -> Iterator[str]:
             yield name
 
 
+def _restated_stub(stmt: ast.stmt, toolset: Toolset) -> bool:
+    """A module-level ``def`` of a tool's name with no body of its own (a docstring, ``...``
+    or ``pass``): the model wrote out the stub it was shown before calling it. Kept, it would
+    turn the calls into calls of a function that does nothing."""
+    if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef) or stmt.decorator_list:
+        return False
+    if toolset.by_py(stmt.name) is None:
+        return False
+    return all(
+        isinstance(part, ast.Pass)
+        or (
+            isinstance(part, ast.Expr)
+            and isinstance(part.value, ast.Constant)
+            and (part.value.value is Ellipsis or isinstance(part.value.value, str))
+        )
+        for part in stmt.body
+    )
+
+
+def _without_restated_stubs(source: str, module: ast.Module, toolset: Toolset) -> tuple[str, ast.Module]:
+    """The program with the tool stubs it restated (``_restated_stub``) left out."""
+    restated = [stmt for stmt in module.body if _restated_stub(stmt, toolset)]
+    if not restated:
+        return source, module
+    lines = source.splitlines(keepends=True)
+    dropped = {n for stmt in restated for n in range(stmt.lineno - 1, (stmt.end_lineno or stmt.lineno))}
+    kept = "".join(line for i, line in enumerate(lines) if i not in dropped)
+    return kept, parse_program(kept)
+
+
 def _check_no_tool_rebound(module: ast.Module, toolset: Toolset) -> None:
     """A tool's stub name must keep meaning the tool everywhere in the program."""
     rebound: dict[str, int] = {}
@@ -256,6 +286,9 @@ def classify(source: str, toolset: Toolset, check: bool = True) -> StaticCalls |
         raise OutputError(
             "The python block is empty; write the calls to make, or answer without a code block."
         )
+    source, module = _without_restated_stubs(source, module, toolset)
+    if not module.body:
+        raise OutputError("The python block only restates the functions you are given; call them instead.")
     _check_no_tool_rebound(module, toolset)
     assigned: set[str] = set()
     calls: list[Call] = []
