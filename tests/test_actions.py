@@ -17,6 +17,7 @@ from proxy.app import create_app
 from proxy.config import load_settings
 from tests.conftest import ProxyFactory, upstream_models, write_config
 from tests.servers import UvicornThread
+from tests.test_kernels import gone_within
 from tests.upstream import Reply, ScriptedUpstream, canned_completion, load_recording
 
 WEATHER: list[Any] = [
@@ -361,8 +362,12 @@ def test_kernel_killed_mid_conversation_is_replayed(
 
     def kill_kernel(call_id: str) -> None:
         session = call_id.split("_")[1]
-        pid = runtime.live[session].kernel.connection.pid()
-        os.kill(pid, signal.SIGKILL)
+        connection = runtime.live[session].kernel.connection
+        os.kill(connection.pid(), signal.SIGKILL)
+        # the kernel itself (a sandboxed one is the killed keeper's child) ends a moment later:
+        # the next request must find it gone, not race its end (and get a call out of it)
+        rundir = runtime.pool.provider.root / "run" / connection.kernel_id
+        assert gone_within(rundir, 10)
 
     final, _ = run_loop_conversation(client, upstream, between=kill_kernel)
     assert final.choices[0].message.content == "Rome is hotter (24 vs 18)."

@@ -21,6 +21,7 @@ from tests.conftest import ProxyFactory, upstream_models
 from tests.servers import UvicornThread
 from tests.test_actions import WEATHER, program
 from tests.test_continuity import dead
+from tests.test_kernels import gone_within
 from tests.upstream import ScriptedUpstream, wait_for
 
 KEYS = [{"id": "alice", "key": "sk-alice-123456"}, {"id": "bob", "key": "sk-bob-12345678"}]
@@ -145,6 +146,8 @@ def test_files_come_back_after_the_kernel_is_lost(proxy: UvicornThread, upstream
         assert pid
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: dead(pid))
+        # and the kernel itself (a sandboxed one is the killed keeper's child), a moment later
+        assert gone_within(runtime.pool.provider.root / "run" / runtime.live[sid].kernel.kernel_id, 10)
         messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Its hash?"}]
         read = "```python\nimport hashlib, os\nprint(hashlib.sha256(open('key.bin', 'rb').read()).hexdigest(), os.path.exists('tmp.txt'))\n```"
         upstream.plan(program(read), program("There."))

@@ -21,6 +21,7 @@ from proxy.config import load_settings
 from tests.conftest import ProxyFactory, upstream_models, write_config
 from tests.servers import UvicornThread
 from tests.test_actions import WEATHER, program
+from tests.test_kernels import gone_within
 from tests.upstream import ScriptedUpstream, wait_for
 
 DEFINE = "```python\nBASE = 10\ndef scale(x):\n    return x * BASE\nprint(scale(2))\n```"
@@ -186,6 +187,9 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
         assert pid
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: dead(pid))
+        # and the kernel itself (a sandboxed one is the killed keeper's child), a moment later
+        kernel_id = runtime.live[session_id].kernel.kernel_id
+        assert gone_within(runtime.pool.provider.root / "run" / kernel_id, 10)
         messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
         upstream.plan(program(USE), program("Done."))
         client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)
