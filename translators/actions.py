@@ -8,7 +8,8 @@ against its schema either way: positional arguments are mapped to parameter
 names, unknown or missing arguments and wrong types are ``CallError``s whose
 messages are fit to send back to the model. A program that binds a tool's name
 anywhere (``def``, assignment, import, loop target, parameter, ...) is an
-``OutputError``: its calls would go to its own function instead of the tool.
+``OutputError``: its calls would go to its own function instead of the tool; a
+``def`` that only restates a tool's stub (no body of its own) is left out instead.
 
 ``render_call`` goes the other way (tool_calls in the history become code).
 """
@@ -253,10 +254,10 @@ def _without_restated_stubs(source: str, module: ast.Module, toolset: Toolset) -
     restated = [stmt for stmt in module.body if _restated_stub(stmt, toolset)]
     if not restated:
         return source, module
-    lines = source.splitlines(keepends=True)
-    dropped = {n for stmt in restated for n in range(stmt.lineno - 1, (stmt.end_lineno or stmt.lineno))}
-    kept = "".join(line for i, line in enumerate(lines) if i not in dropped)
-    return kept, parse_program(kept)
+    dropped = {n for stmt in restated for n in range(stmt.lineno - 1, stmt.end_lineno or stmt.lineno)}
+    kept = "".join(line for i, line in enumerate(source.splitlines(keepends=True)) if i not in dropped)
+    module.body = [stmt for stmt in module.body if stmt not in restated]
+    return kept, module
 
 
 def _check_no_tool_rebound(module: ast.Module, toolset: Toolset) -> None:

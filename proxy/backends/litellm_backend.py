@@ -130,10 +130,12 @@ class _LiteLLMGeneration(Generation):
                         if isinstance(v, int) and not isinstance(v, bool)
                     }
                 for choice in chunk.choices or []:
-                    content = getattr(choice.delta, "content", None)
-                    if getattr(choice, "finish_reason", None) and not getattr(choice, "index", 0):
+                    if getattr(choice, "index", 0):
+                        continue  # the first choice only
+                    if getattr(choice, "finish_reason", None):
                         self.finish_reason = str(choice.finish_reason)
-                    if content and not getattr(choice, "index", 0):
+                    content = getattr(choice.delta, "content", None)
+                    if content:
                         yield content
         except CablectlError:
             raise

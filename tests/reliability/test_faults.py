@@ -394,54 +394,48 @@ class OneRequestPerConnection:
         self._thread.join(10)
 
 
+@contextlib.contextmanager
+def client_of(flaky: OneRequestPerConnection, tmp_path: Path) -> Iterator[openai.OpenAI]:
+    """An SDK client of a proxy whose one route is ``flaky``."""
+    route = {
+        "model_name": "m",
+        "litellm_params": {"model": "openai/m", "api_base": f"http://127.0.0.1:{flaky.port}/v1"},
+    }
+    server = start(
+        write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
+    )
+    try:
+        with sdk(server) as client:
+            yield client
+    finally:
+        server.stop()
+
+
 def test_a_kept_alive_connection_the_upstream_dropped_is_retried(tmp_path: Path) -> None:
-    with OneRequestPerConnection() as flaky:
-        route = {
-            "model_name": "m",
-            "litellm_params": {"model": "openai/m", "api_base": f"http://127.0.0.1:{flaky.port}/v1"},
-        }
-        server = start(
-            write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
-        )
-        try:
-            with sdk(server) as client:
-                # the second goes out on the pooled, now dead, connection, and again on a new one
-                # (closed after it); the third finds no pooled connection and opens one
-                for _ in range(3):
-                    reply = client.chat.completions.create(
-                        model="m", messages=[{"role": "user", "content": "hi"}]
-                    )
-                    assert reply.choices[0].message.content == "fresh"
-                assert flaky.requests == 3 and flaky.dropped == 1
-        finally:
-            server.stop()
+    with OneRequestPerConnection() as flaky, client_of(flaky, tmp_path) as client:
+        # the second goes out on the pooled, now dead, connection, and again on a new one
+        # (closed after it); the third finds no pooled connection and opens one
+        for _ in range(3):
+            reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "fresh"
+        assert flaky.requests == 3 and flaky.dropped == 1
 
 
 def test_a_retry_after_a_dropped_connection_does_not_take_another_dropped_one(tmp_path: Path) -> None:
     """After a lull a server closes every idle connection at once: the retry of a request that
     met one must not go out on the next pooled one (closed too), but on a new connection."""
     with OneRequestPerConnection(delay=0.3) as flaky:
-        route = {
-            "model_name": "m",
-            "litellm_params": {"model": "openai/m", "api_base": f"http://127.0.0.1:{flaky.port}/v1"},
-        }
-        server = start(
-            write_config(tmp_path, {"model_list": [route], "kernels": {"min_idle": 0, "max_total": 1}})
-        )
-        try:
-            with sdk(server) as client:
+        with client_of(flaky, tmp_path) as client:
 
-                def ask(_: object = None) -> str:
-                    reply = client.chat.completions.create(
-                        model="m", messages=[{"role": "user", "content": "hi"}]
-                    )
-                    return str(reply.choices[0].message.content)
+            def ask(_: object = None) -> str:
+                reply = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+                return str(reply.choices[0].message.content)
 
-                with ThreadPoolExecutor(4) as threads:  # four connections, each then pooled
-                    assert list(threads.map(ask, range(4))) == ["fresh"] * 4
-                assert flaky.requests == 4
-                for _ in range(3):  # each meets a pooled connection the server has dropped
-                    assert ask() == "fresh"
-            assert flaky.requests == 7 and flaky.dropped == 3
-        finally:
-            server.stop()
+            with ThreadPoolExecutor(4) as threads:  # four connections, each then pooled
+                assert list(threads.map(ask, range(4))) == ["fresh"] * 4
+            assert flaky.requests == 4
+            for _ in range(3):  # each meets a pooled connection the server has dropped
+                assert ask() == "fresh"
+        assert flaky.requests == 7 and flaky.dropped == 3
