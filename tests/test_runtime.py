@@ -13,7 +13,7 @@ import pytest
 
 import proxy.actions.runtime as runtime_module
 from proxy.actions.runtime import KernelUnavailable, Runtime
-from proxy.kernels import ExecLimits, KernelPool
+from proxy.kernels import ExecLimits, Finished, KernelPool, Pending
 from proxy.kernels.local import LocalKernelProvider
 from proxy.sessions import InMemorySessionStore
 from translators.tools import Toolset
@@ -107,6 +107,47 @@ async def test_a_fresh_kernel_that_dies_being_set_up_is_replaced_once_then_a_503
                 await runtime.kernel("twice", TOOLS)
             assert len(killed) == 3 and info.value.status == 503
             assert "twice" not in runtime.live
+    finally:
+        await runtime.aclose()
+        await provider.aclose()
+
+
+async def test_the_stubs_are_installed_as_one_literal_and_tracebacks_still_show_their_lines() -> None:
+    """The stubs go in as one string literal (IPython need not tokenize them), compiled under
+    ``STUBS_FILE``: the program sees the same names, and a failed tool call's traceback shows the
+    stub's lines, as it did when the stubs were a cell of their own."""
+    tools = Toolset.from_openai(
+        [
+            {
+                "type": "function",
+                "function": {
+                    "name": "echo",
+                    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                },
+            }
+        ]
+    )
+    cell = runtime_module.setup_cell("import json as _j\n\ndef f(x):\n    return _j.dumps(x)\n")
+    assert len(cell.splitlines()) == 2  # two statements, whatever the source's length
+    provider = LocalKernelProvider(network=False)
+    pool = KernelPool(provider, min_idle=1, max_total=1, limits=ExecLimits(timeout=30))
+    runtime = Runtime(pool, InMemorySessionStore())
+    try:
+        async with pool:
+            live = await runtime.kernel("s", tools)
+            kernel = live.kernel
+            shown = await kernel.execute("print(callable(echo), issubclass(ToolError, Exception))")
+            assert isinstance(shown, Finished) and shown.output.stdout == "True True\n", shown
+            source = await kernel.execute("import inspect\nprint(inspect.getsource(echo).splitlines()[0])")
+            assert isinstance(source, Finished) and source.output.stdout.startswith("def echo("), source
+            state = await kernel.execute("echo(x=1)")
+            assert isinstance(state, Pending) and state.request.arguments == {"x": 1}
+            failed = await kernel.reply(error="no such x")
+            assert isinstance(failed, Finished) and failed.output.error is not None
+            trace = failed.output.error.traceback
+            assert failed.output.error.ename == "ToolError" and "no such x" in trace
+            assert runtime_module.STUBS_FILE in trace and "raise ToolError" in trace, trace
+            runtime.done("s")
     finally:
         await runtime.aclose()
         await provider.aclose()

@@ -151,8 +151,25 @@ def _preload() -> None:
             importlib.import_module(name)
         except Exception as exc:  # an optional module: the kernel imports it later if at all
             print(f"cablectl fork server: could not preload {name}: {exc}", file=sys.stderr)
+    _warm()
     gc.collect()
     gc.freeze()
+
+
+def _warm() -> None:
+    """Fill caches every kernel would otherwise fill again in its first cell: run pure code
+    paths once here, with a sample that is nobody's (no session exists in this process)."""
+    import io
+    import tokenize
+
+    sample = 'x = 1\ns = """a"""\nt = \'\'\'b\'\'\'\nf"{x}" + rb"c"\nprint(x)\n'
+    # tokenize compiles its big token regular expressions on first use (lru_cache)
+    list(tokenize.generate_tokens(io.StringIO(sample).readline))
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+    except ImportError:
+        return
+    TransformerManager().transform_cell(sample)  # type: ignore[no-untyped-call]
 
 
 def _quiet_fds() -> None:
