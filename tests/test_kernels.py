@@ -540,3 +540,32 @@ def test_no_kernel_outlives_a_killed_proxy(sandbox: Bubblewrap | None, start: st
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_kernel_messages_are_checked_as_jupyter_client_checks_them_but_no_date_is_parsed() -> None:
+    """The channels read messages with ``_deserialize``: a signed message reads as
+    ``Session.deserialize`` reads it, except that its dates stay strings; an unsigned, forged or
+    replayed one is refused (the channel skips it)."""
+    from jupyter_client.session import Session
+
+    from proxy.kernels.local import _deserialize
+
+    sender, reader = Session(key=b"k" * 32), Session(key=b"k" * 32)
+    frames = sender.serialize(sender.msg("stream", {"name": "stdout", "text": "hi"}))
+    msg = _deserialize(reader, frames)
+    theirs = Session(key=b"k" * 32).deserialize(sender.feed_identities(frames)[1])
+    assert msg["content"] == theirs["content"] == {"name": "stdout", "text": "hi"}
+    assert msg["msg_type"] == "stream" and msg["msg_id"] == theirs["msg_id"]
+    assert isinstance(msg["header"]["date"], str)  # jupyter_client's is a datetime
+    assert {k for k in msg["header"] if k != "date"} == {k for k in theirs["header"] if k != "date"}
+    with pytest.raises(ValueError, match="duplicate"):
+        _deserialize(reader, frames)  # the same message again: a replay
+    forged = sender.serialize(sender.msg("stream", {"name": "stdout", "text": "x"}))
+    forged[-1] = b'{"name": "stdout", "text": "forged"}'
+    with pytest.raises(ValueError, match="invalid signature"):
+        _deserialize(reader, forged)
+    with pytest.raises(ValueError, match="unsigned"):
+        _deserialize(reader, [b"<IDS|MSG>", b"", *forged[2:]])
+    stranger = Session(key=b"s" * 32)
+    with pytest.raises(ValueError, match="invalid signature"):
+        _deserialize(reader, stranger.serialize(stranger.msg("stream", {})))

@@ -93,6 +93,8 @@ class KernelConnection(abc.ABC):
 
     async def next_message(self, timeout: float) -> Message | None:
         """The next message from any channel (``msg["channel"]`` says which), or None."""
+        if not self.inbox.empty():  # no timer and no task for a message that is already here
+            return self.inbox.get_nowait()
         try:
             return await asyncio.wait_for(self.inbox.get(), timeout)
         except TimeoutError:
