@@ -5,7 +5,10 @@ fork server (``kernels.start: spawn | fork``), side by side (samples interleaved
 - warm ``acquire`` from the pool against a cold kernel start (p50, and the ratio);
 - a trivial cell's round trip (``1``);
 - one tool call through the stdin back-channel (``reply`` until the next call arrives);
-- memory per idle kernel (RSS and PSS of its process tree), and how many would fit.
+- memory per idle kernel (RSS and PSS of its process tree), and how many would fit;
+- CPU per cold start and shutdown, and per session (start, stubs, a program with two tool
+  calls, shutdown): the machine's, and that of our own processes only (this one, the kernel's
+  process tree, the fork server), which a busy neighbour does not inflate.
 
     .venv/bin/python bench/kernels.py [--samples 300]
 
@@ -25,8 +28,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stats import machine_cpu_seconds, pct  # noqa: E402
+from bench.stats import machine_cpu_seconds, pct, process_cpu_seconds, tree_cpu_seconds  # noqa: E402
+from proxy.actions.artifacts import Artifacts  # noqa: E402
+from proxy.actions.runtime import setup_cell  # noqa: E402
 from proxy.kernels import ExecLimits, Finished, KernelPool, Pending  # noqa: E402
+from proxy.kernels.base import KernelConnection  # noqa: E402
+from proxy.kernels.execution import CellRun  # noqa: E402
 from proxy.kernels.local import LocalKernelProvider  # noqa: E402
 from proxy.kernels.sandbox import Bubblewrap  # noqa: E402
 from translators.kernel_stubs import render_kernel_stubs  # noqa: E402
@@ -88,21 +95,50 @@ def meminfo_kb(field: str) -> int:
     return 0
 
 
+async def session(kernel: KernelConnection) -> None:
+    """What the runtime does with a fresh kernel in a session of bench/load.py: the stubs (as
+    the runtime installs them), then a program that calls a tool twice."""
+    run = CellRun(kernel)
+    state = await run.start(setup_cell(render_kernel_stubs(TOOLS) + "\n" + Artifacts.definition))
+    assert isinstance(state, Finished) and state.output.error is None, state
+    run = CellRun(kernel)
+    state = await run.start("a = echo(x=1)\nb = echo(x=2)\nprint(a + b)", Artifacts.expressions(1 << 20))
+    while isinstance(state, Pending):
+        state = await run.reply(state.request.arguments["x"])
+    assert isinstance(state, Finished) and state.output.stdout == "3\n", state
+
+
 async def measure(providers: dict[str, LocalKernelProvider], samples: int) -> dict[str, dict[str, Any]]:
     """Each figure for every provider, their samples interleaved (A, B, A, B, ...), so a busy
     neighbour on a shared machine slows both columns alike."""
     out: dict[str, dict[str, Any]] = {
-        name: {"cold": [], "cold_cpu": [], "warm": [], "trivial": [], "calls": []} for name in providers
+        name: {
+            k: [] for k in ("cold", "cold_cpu", "cold_own_cpu", "session_own_cpu", "warm", "trivial", "calls")
+        }
+        for name in providers
     }
     for _ in range(20):
         for name, provider in providers.items():
-            cpu = machine_cpu_seconds()
-            started = time.perf_counter()
-            kernel = await provider.start_kernel()
-            out[name]["cold"].append((time.perf_counter() - started) * 1000)
-            await kernel.shutdown()
-            # the whole machine's (at 10 ms a tick: a median over many starts, not one start)
-            out[name]["cold_cpu"].append((machine_cpu_seconds() - cpu) * 1000)
+            for kind in ("cold", "session"):
+                forks = provider._forks.pid if provider._forks is not None else None
+                server = process_cpu_seconds(forks, children=False) if forks is not None else 0.0
+                cpu, own = machine_cpu_seconds(), time.process_time()
+                started = time.perf_counter()
+                kernel = await provider.start_kernel()
+                if kind == "cold":
+                    out[name]["cold"].append((time.perf_counter() - started) * 1000)
+                else:
+                    await session(kernel)
+                pid = kernel.pid()
+                used = tree_cpu_seconds(pid) if pid is not None else 0.0  # before the kill: see there
+                await kernel.shutdown()
+                if kind == "cold":  # the whole machine's (10 ms a tick: a mean over many starts)
+                    out[name]["cold_cpu"].append((machine_cpu_seconds() - cpu) * 1000)
+                # this process's own (not its reaped children's) + the kernel's tree + the fork
+                # server's own: what it cost, whatever else the machine runs
+                if forks is not None:
+                    used += process_cpu_seconds(forks, children=False) - server
+                out[name][f"{kind}_own_cpu"].append((time.process_time() - own + used) * 1000)
 
     pools = {
         name: KernelPool(provider, min_idle=4, max_total=8, limits=ExecLimits(timeout=60))
@@ -202,9 +238,17 @@ async def main(samples: int) -> None:
             + ratio(results, key, "none/fork", "none/spawn")
             + ratio(results, key, "bwrap/fork", "bwrap/spawn")
         )
-    print("  machine CPU per cold start and shutdown (mean; every core summed)")
+    print(
+        "  CPU per cold start and shutdown (mean): the machine's (every core; polluted by anything "
+        "else running) and ours (this process + the kernel's process tree + the fork server's own); "
+        "and ours per session (a start, the stubs, a program with two tool calls, shutdown)"
+    )
     for name, r in results.items():
-        print(f"    {name:<12} {statistics.fmean(r['cold_cpu']):8.1f} ms")
+        print(
+            f"    {name:<12} machine {statistics.fmean(r['cold_cpu']):8.1f} ms   "
+            f"ours {statistics.fmean(r['cold_own_cpu']):8.1f} ms   "
+            f"per session {statistics.fmean(r['session_own_cpu']):8.1f} ms"
+        )
     for name, r in results.items():
         rss = statistics.fmean(m[0] for m in r["mem"]) / 1024
         pss = statistics.fmean(m[1] for m in r["mem"]) / 1024
