@@ -38,6 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"]
 MODEL_NAME = "cablectl-bench"
+MAX_TOKENS = 512  # per case: per generation through the proxy, in all for the JSON baseline
+
+
+class _OverBudget(Exception):
+    pass
 
 
 def _checker() -> Any:
@@ -121,7 +126,7 @@ def through_proxy(client: Any, model: str, entry: dict[str, Any]) -> tuple[list[
             tools=_tools(entry),
             tool_choice="auto",
             temperature=0,
-            max_tokens=512,
+            max_tokens=MAX_TOKENS,
         )
     except openai.BadRequestError as exc:  # over the model's context: no answer, counted as wrong
         if "context" not in str(exc):
@@ -132,9 +137,24 @@ def through_proxy(client: Any, model: str, entry: dict[str, Any]) -> tuple[list[
 
 
 class JsonBaseline:
-    """llama-cpp-python's own function calling on the same GGUF (chatml-function-calling)."""
+    """llama-cpp-python's own function calling on the same GGUF (chatml-function-calling).
 
-    def __init__(self, n_ctx: int) -> None:
+    That handler writes the tools' JSON schemas and its call format into the system message,
+    and only there: asked without one (as most BFCL cases are) the model is never shown the
+    functions, only constrained to their names. So a case with no system message gets the one
+    the model's own chat template puts in when none is given (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, ..."), and the tools are in the prompt as the format means them
+    to be; ``--baseline-as-is`` leaves the messages alone.
+
+    Its multiple-call loop asks the model for completions with no token limit (it passes
+    ``max_tokens=None``), so a model that keeps adding calls runs until its context is full
+    (minutes a case on 2 cores). The case gets the code-actions side's budget instead:
+    ``MAX_TOKENS`` completion tokens in all, every completion capped at what is left; a case
+    that needs more is answered with nothing (wrong), as a cut-off reply would be."""
+
+    def __init__(self, n_ctx: int, as_is: bool = False) -> None:
+        import re
+
         from llama_cpp import Llama
 
         from proxy.backends.local import resolve_model_path
@@ -147,18 +167,40 @@ class JsonBaseline:
             chat_format="chatml-function-calling",
             verbose=False,
         )
+        template = self.llama.metadata.get("tokenizer.chat_template", "")
+        found = re.search(r"<\|im_start\|>system\s*(.*?)<\|im_end\|>", template)
+        self.system = None if as_is else (found.group(1) if found else "You are a helpful assistant.")
 
     def __call__(self, entry: dict[str, Any]) -> tuple[list[Any], int]:
+        llama, plain = self.llama, type(self.llama).create_completion
+        left = [MAX_TOKENS]
+
+        def capped(*args: Any, **kwargs: Any) -> Any:
+            if left[0] <= 0:
+                raise _OverBudget
+            kwargs["max_tokens"] = min(kwargs.get("max_tokens") or left[0], left[0])
+            result: Any = plain(llama, *args, **kwargs)
+            left[0] -= int(result["usage"]["completion_tokens"])
+            return result
+
+        llama.create_completion = capped  # type: ignore[method-assign]
         try:
+            messages = _messages(entry)
+            if self.system is not None and (not messages or messages[0].get("role") != "system"):
+                messages = [{"role": "system", "content": self.system}, *messages]
             result: Any = self.llama.create_chat_completion(
-                messages=_messages(entry),
+                messages=messages,
                 tools=_tools(entry),
                 tool_choice="auto",
                 temperature=0,
-                max_tokens=512,
+                max_tokens=MAX_TOKENS,
             )
         except ValueError:  # over the context
             return [], 0
+        except _OverBudget:
+            return [], MAX_TOKENS
+        finally:
+            del llama.create_completion
         message = result["choices"][0]["message"]
         calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []]
         return _as_bfcl(calls), int(result["usage"]["total_tokens"])
@@ -184,6 +226,11 @@ def main() -> int:
     parser.add_argument(
         "--no-baseline", action="store_true", help="code actions only (while iterating on the prompt)"
     )
+    parser.add_argument(
+        "--baseline-as-is",
+        action="store_true",
+        help="no default system message for the JSON baseline (its tools then stay out of the prompt)",
+    )
     args = parser.parse_args()
 
     import openai
@@ -193,7 +240,9 @@ def main() -> int:
     from tests.servers import UvicornThread
 
     check = _checker()
-    baseline = None if args.baseline_route or args.no_baseline else JsonBaseline(args.n_ctx)
+    baseline = (
+        None if args.baseline_route or args.no_baseline else JsonBaseline(args.n_ctx, args.baseline_as_is)
+    )
     settings = load_settings(args.config, env={})
     if args.config is None:  # the embedded model, with the same context as the baseline's
         routes = [
@@ -238,7 +287,9 @@ def main() -> int:
                     row[key].append(1.0 if valid else 0.0)
                 print(
                     f"{category} {i + 1}/{len(chosen)}: "
-                    + " ".join(f"{k}={'ok' if row[k][-1] else 'x'}" for k, _ in runs),
+                    + " ".join(
+                        f"{k}={'ok' if row[k][-1] else 'x'} {row[f'{k}_s'][-1]:.1f}s" for k, _ in runs
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )

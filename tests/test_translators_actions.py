@@ -11,7 +11,7 @@ from tests.bfcl import CATEGORIES, cases, expected_calls, tools_of
 from translators.actions import Call, KernelProgram, StaticCalls, classify, render_call
 from translators.errors import CallError, OutputError
 from translators.output import Action, Answer, closing_fence, parse_output
-from translators.prompt import build_prompt
+from translators.prompt import EXAMPLE, action_preamble, build_prompt
 from translators.tools import Toolset
 
 TOOLS = Toolset.from_openai(
@@ -259,6 +259,9 @@ def test_bfcl_answers_mostly_typecheck() -> None:
     ("text", "expected"),
     [
         pytest.param("Paris is sunny.", Answer("Paris is sunny."), id="answer"),
+        pytest.param("Answer: Paris is sunny.", Answer("Paris is sunny."), id="answer-mark-dropped"),
+        pytest.param(" Answer:\nsunny", Answer("sunny"), id="answer-mark-own-line"),
+        pytest.param("Answered.", Answer("Answered."), id="only-the-whole-mark"),
         pytest.param(
             'Let me check.\n```python\nget_weather(city="Paris")\n```\n',
             Action('get_weather(city="Paris")', "Let me check."),
@@ -335,9 +338,13 @@ def test_history_becomes_code_form() -> None:
         {"role": "tool", "tool_call_id": "unknown", "content": "?"},
     ]
     prompt = build_prompt(messages, TOOLS)
-    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user", "assistant", "user"]
     system = prompt[0]["content"]
-    assert system.startswith("Be brief.\n\n")
+    # how to act (the same for every request) first, then the client's system message, then the stubs
+    assert system.startswith(action_preamble("auto") + "\n\nBe brief.\n\n")
+    assert system.index("Be brief.") < system.index("def get_weather")
+    assert prompt[1:3] == EXAMPLE  # the worked example, before the conversation
+    prompt = [prompt[0], *prompt[3:]]
     assert (
         "def get_weather(city: str, unit: Literal['c', 'f'] | None = None, days: int | None = None): ..."
         in system
@@ -384,8 +391,24 @@ def test_bad_history_arguments_do_not_crash() -> None:
         },
     ]
     prompt = build_prompt(messages, TOOLS)
-    assert "get_weather()  # arguments were not valid JSON" in prompt[1]["content"]
-    assert "gone_tool(x=2)" in prompt[2]["content"]
+    assert "get_weather()  # arguments were not valid JSON" in prompt[3]["content"]
+    assert "gone_tool(x=2)" in prompt[4]["content"]
+
+
+def test_earlier_answers_carry_the_answer_mark() -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "weather?"},
+    ]
+    prompt = build_prompt(messages, TOOLS)
+    assert prompt[-2] == {"role": "assistant", "content": "Answer: Hello!"}
+    assert "reply with Answer: and then your answer" in prompt[0]["content"]
+    # tool_choice none: plain text asked for, no example, no mark
+    plain = build_prompt(messages, TOOLS, "none")
+    assert [m["role"] for m in plain] == ["system", "user", "assistant", "user"]
+    assert plain[0]["content"] == "Answer in plain text. Do not write code in this reply."
+    assert plain[2]["content"] == "Hello!"
 
 
 def test_call_json_round_trip() -> None:

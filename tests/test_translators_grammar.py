@@ -63,7 +63,7 @@ TOOLS = Toolset.from_openai(
     ]
 )
 
-GOLDEN_RULES = """start: text | text? action
+GOLDEN_RULES = """start: action | "Answer: " text
 program: line "\\n" more9
 call: tool1 | tool2
 _empty:
@@ -146,8 +146,11 @@ def test_golden_gbnf(llm: Llama) -> None:
 @pytest.mark.parametrize(
     ("choice", "text", "ok"),
     [
-        pytest.param("auto", "It is sunny.", True, id="auto-answer"),
-        pytest.param("auto", 'Checking.\n```python\nget_weather(city="Paris")\n```', True, id="auto-action"),
+        pytest.param("auto", "Answer: It is sunny.", True, id="auto-answer"),
+        pytest.param("auto", "It is sunny.", False, id="auto-unmarked-answer"),
+        pytest.param("auto", '```python\nget_weather(city="Paris")\n```', True, id="auto-action"),
+        # the choice comes first: act, or answer (a note before the code is not offered)
+        pytest.param("auto", 'Checking.\n```python\nget_weather(city="Paris")\n```', False, id="auto-note"),
         pytest.param(
             "auto", '```python\nprint(get_weather(city="P", unit="f"))\nnow()\n```', True, id="auto-two-lines"
         ),

@@ -36,6 +36,11 @@ def read(text: str, cuts: list[int] | None = None, **kwargs: bool) -> tuple[str,
     [
         pytest.param("Just an answer.", "Just an answer.", [], id="answer"),
         pytest.param("  \n Hello  \n\n", "Hello", [], id="answer-whitespace"),
+        pytest.param("Answer: It is 18C.", "It is 18C.", [], id="answer-mark-dropped"),
+        pytest.param("Answer:\nIt is 18C.", "It is 18C.", [], id="answer-mark-on-its-own-line"),
+        pytest.param("Answers vary.", "Answers vary.", [], id="not-the-mark"),
+        pytest.param("Ans", "Ans", [], id="mark-prefix-at-the-end-is-prose"),
+        pytest.param("I said Answer: no.", "I said Answer: no.", [], id="mark-only-at-the-start"),
         pytest.param(
             "Checking.\n\n```python\nf(a=1)\ng(b=2)\n```",
             "Checking.",
@@ -105,6 +110,7 @@ PROSE = st.text(alphabet=st.sampled_from(list("ab `\n.")), max_size=30)
 
 @settings(max_examples=300, deadline=None)
 @given(
+    mark=st.sampled_from(["", "Answer:", "Answer: ", " Answer:\n", "Ans"]),
     thought=PROSE,
     lines=st.lists(LINES, max_size=6),
     lang=st.sampled_from(["python", "py", "", "json"]),
@@ -112,9 +118,9 @@ PROSE = st.text(alphabet=st.sampled_from(list("ab `\n.")), max_size=30)
     cuts=st.lists(st.integers(0, 200), max_size=12),
 )
 def test_reader_agrees_with_parse_output(
-    thought: str, lines: list[str], lang: str, closed: bool, cuts: list[int]
+    mark: str, thought: str, lines: list[str], lang: str, closed: bool, cuts: list[int]
 ) -> None:
-    text = f"{thought}\n```{lang}\n" + "\n".join(lines) + ("\n```" if closed else "")
+    text = f"{mark}{thought}\n```{lang}\n" + "\n".join(lines) + ("\n```" if closed else "")
     prose, statements, _ = read(text, cuts)
     try:
         parsed = parse_output(text)

@@ -20,7 +20,7 @@ from translators.grammar import build_grammar, normalize_tool_choice
 from translators.kernel_stubs import render_kernel_stubs
 from translators.made import MadeFunction, defined_functions, made_functions
 from translators.openapi import HttpRequest, HttpSpec, Operation, build_request, toolset_from_openapi
-from translators.output import Action, Answer, closing_fence, parse_output
+from translators.output import Action, Answer, closing_fence, parse_output, without_answer_mark
 from translators.prompt import build_prompt
 from translators.stubs import render_stubs
 from translators.tools import Toolset, ToolsetCache
@@ -58,4 +58,5 @@ __all__ = [
     "render_kernel_stubs",
     "render_stubs",
     "toolset_from_openapi",
+    "without_answer_mark",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 
 import grammars
 from translators.errors import ToolsetError
+from translators.output import ANSWER_MARK
 from translators.schema import MAX_DEPTH, Refs, merge_all_of, schema_types
 from translators.tools import Tool, Toolset
 
@@ -239,7 +240,9 @@ def build_grammar(toolset: Toolset, tool_choice: ToolChoice = "auto", parallel: 
     if tool_choice == "none" or not calls:
         start = "start: text"
     elif tool_choice == "auto":
-        start = f"start: text | text? {action}"
+        # the first thing written is the choice, to act or to answer: a small model that
+        # could start with any text talks (and works things out itself) instead of acting
+        start = f"start: {action} | {lark_literal(ANSWER_MARK + ' ')} text"
     else:
         # forced: the code block comes first, so a small model cannot talk its way
         # past the token limit before it acts

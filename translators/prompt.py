@@ -1,8 +1,11 @@
 """OpenAI messages -> the code-form prompt the model sees.
 
-- The client's system/developer messages stay first; the tool stubs and the
-  action format are appended to that system message.
-- Earlier assistant ``tool_calls`` become that assistant turn's ```python block.
+- One system message first: how to act (the same for every request, so first: servers
+  that cache the prompt's prefix read it once), the client's system/developer messages
+  that come before its first turn, then the tools as stubs. Then one worked example (a
+  user turn and the reply), then the conversation.
+- Earlier assistant ``tool_calls`` become that assistant turn's ```python block; an
+  earlier answer (text only) begins with the answer mark, as the instructions ask.
 - ``tool`` results become one user turn of observations, each labelled with the
   call that produced it.
 """
@@ -17,10 +20,11 @@ import orjson
 from translators.actions import render_call
 from translators.made import MadeFunction, render_made
 from translators.names import to_identifier
+from translators.output import ANSWER_MARK
 from translators.stubs import render_stubs, render_value
 from translators.tools import Toolset
 
-__all__ = ["action_instructions", "build_prompt", "content_text"]
+__all__ = ["EXAMPLE", "action_instructions", "action_preamble", "build_prompt", "content_text"]
 
 
 def content_text(content: Any) -> str:
@@ -36,6 +40,37 @@ def content_text(content: Any) -> str:
     return str(content)
 
 
+def action_preamble(tool_choice: Any = "auto") -> str:
+    """How to act, the same for every request (so it comes first: a server that keeps the
+    prompt's prefix cached, as llama.cpp does, reads it once)."""
+    if tool_choice == "none":
+        return "Answer in plain text. Do not write code in this reply."
+    return "\n".join(
+        [
+            "You can act by writing Python that calls the functions listed below. When one of them can "
+            "do what the user asks, call it: do not work the answer out yourself. Reply with exactly one "
+            "```python block that calls them with keyword arguments, one call per line, once for each "
+            "thing asked. Print what you need to see; results come back to you as an observation. When "
+            f"you can answer without them, reply with {ANSWER_MARK} and then your answer in plain text, "
+            "with no code block.",
+        ]
+    )
+
+
+# one worked example, as a turn of the conversation before the client's (a small model follows
+# a turn it has seen far better than a description of one: it makes one call per thing asked)
+EXAMPLE = [
+    {
+        "role": "user",
+        "content": "What is the weather in Paris and in Rome? (example: get_weather(city: str))",
+    },
+    {
+        "role": "assistant",
+        "content": '```python\nprint(get_weather(city="Paris"))\nprint(get_weather(city="Rome"))\n```',
+    },
+]
+
+
 def action_instructions(
     toolset: Toolset,
     tool_choice: Any = "auto",
@@ -43,22 +78,19 @@ def action_instructions(
     made: Sequence[MadeFunction] = (),
     stubs_of: Toolset | None = None,
 ) -> str:
-    """The system prompt's instructions; ``stubs_of``: the tools to show as stubs when not all
-    of ``toolset`` (the others are defined too, and ``search_tools`` finds them)."""
+    """The functions this request offers, as stubs, and what its tool_choice asks;
+    ``stubs_of``: the tools to show as stubs when not all of ``toolset`` (the others are
+    defined too, and ``search_tools`` finds them)."""
     if tool_choice == "none":
-        return "Answer in plain text. Do not write code in this reply."
+        return ""
     shown = stubs_of if stubs_of is not None else toolset
     stubs = render_stubs(shown, header=False).rstrip("\n")
     lines = [
-        "You can act by writing Python. These functions are already defined; do not define or import them:",
+        "The functions, already defined (do not define or import them):",
         "",
         "```python",
         stubs,
         "```",
-        "",
-        "To use them, reply with an optional short note, then exactly one ```python block that calls them "
-        "with keyword arguments. Print what you need to see; results come back to you as an observation. "
-        "When you can answer, reply in plain text with no code block.",
     ]
     hidden = len(toolset.tools) - len(shown.tools)
     if hidden > 0:
@@ -152,6 +184,8 @@ def build_prompt(
                     lines.append(code)
                 block = "```python\n" + "\n".join(lines) + "\n```"
                 text = f"{text}\n\n{block}" if text else block
+            elif text and tool_choice != "none":  # an answer, marked as the instructions ask
+                text = f"{ANSWER_MARK} {text}"
             out.append({"role": "assistant", "content": text})
             continue
         content = message.get("content")
@@ -161,7 +195,13 @@ def build_prompt(
         out.append({"role": "user", "content": content if has_media else content_text(content)})
     flush_observations()
     system = "\n\n".join(
-        [p for p in system_parts if p.strip()]
-        + [action_instructions(toolset, tool_choice, parallel, made, stubs_of)]
+        p
+        for p in [
+            action_preamble(tool_choice),
+            *system_parts,
+            action_instructions(toolset, tool_choice, parallel, made, stubs_of),
+        ]
+        if p.strip()
     )
-    return [{"role": "system", "content": system}, *out]
+    example = EXAMPLE if tool_choice != "none" else []
+    return [{"role": "system", "content": system}, *example, *out]

@@ -5,8 +5,10 @@ what can be acted on already:
 
 - ``Prose``: text before the ```` ```python ```` fence (the thought, or the whole answer).
   A line that may still turn out to be a fence (three backticks, a language) is held
-  back only while it is ambiguous; whitespace at either end is dropped, so the prose
-  shown is what ``parse_output`` calls the thought (or the answer). Code never is prose.
+  back only while it is ambiguous; whitespace at either end is dropped, and so is the
+  answer mark (``Answer:``) the prose begins with (held back while the first line may
+  still be it), so the prose shown is what ``parse_output`` calls the thought (or the
+  answer). Code never is prose.
 - ``Statements``: every time a top-level statement of the code block is complete, the
   source of all complete statements so far (dedented). A simple statement is complete at
   its newline; a compound one (``for``, ``def``, ...) when the next top-level line starts.
@@ -23,6 +25,8 @@ import ast
 import re
 import textwrap
 from dataclasses import dataclass, field
+
+from translators.output import ANSWER_MARK, without_answer_mark
 
 __all__ = ["BlockClosed", "OutputReader", "Prose", "Statements"]
 
@@ -129,7 +133,11 @@ class OutputReader:
     # --- lines ---------------------------------------------------------------------------
 
     def _may_be_fence(self, line: str) -> bool:
-        return not self._line_shown and bool(_FENCE_PREFIX.match(line))
+        if self._line_shown:
+            return False
+        if not self._started and ANSWER_MARK.startswith(line.lstrip()):
+            return True  # it may still be the answer mark, which is not shown
+        return bool(_FENCE_PREFIX.match(line))
 
     def _complete_line(self, line: str) -> None:
         shown, self._line_shown = self._line_shown, False
@@ -150,7 +158,7 @@ class OutputReader:
 
     def _prose(self, text: str) -> None:
         if not self._started:
-            text = text.lstrip()
+            text = without_answer_mark(text).lstrip()
         if not text:
             return
         body = text.rstrip()

@@ -48,6 +48,7 @@ from translators import (
     classify,
     closing_fence,
     parse_output,
+    without_answer_mark,
 )
 from translators.actions import Call
 from translators.gbnf import parser_for
@@ -252,6 +253,7 @@ class ModelTurn:
             for key, value in generation.usage.items():
                 reply.usage[key] = reply.usage.get(key, 0) + value
             reply.text = reader.text
+            log.debug("model output (attempt %d, %s): %r", attempt + 1, generation.finish_reason, reply.text)
             reply.pipelined = list(step.sent)
             await self._check_grammar(step, generation, reply.text)
             if step.choice == "none":
@@ -261,7 +263,7 @@ class ModelTurn:
                 if problem is not None:
                     self.metrics.repairs.labels(entry.model_name, "repaired").inc()
                 if reply.program is None and not show_prose:  # a repaired reply is an answer
-                    yield self._show(step, reply.text.strip(), False)
+                    yield self._show(step, without_answer_mark(reply.text).strip(), False)
                 return
             except (OutputError, CallError) as exc:
                 if problem is not None:
@@ -327,7 +329,7 @@ class ModelTurn:
         reply.program = None
         reply.problem = problem
         # what it wrote after the prose already shown (the code that could not be read)
-        text = reply.text.strip()
+        text = without_answer_mark(reply.text).strip()
         if shown:
             reader = OutputReader()
             prose = "".join(e.text for e in [*reader.feed(text), *reader.close()] if isinstance(e, Prose))
