@@ -77,7 +77,7 @@ CLASS_DOCS = {
 }
 # the two forms llguidance receives: Lark as vLLM/SGLang pass it, and as llama.cpp needs it
 VARIANTS = {"lark": "", "%llguidance": "%llguidance {}\n"}
-TEXT_ANSWER = "I cannot do that with the tools I have."
+TEXT_ANSWER = "Answer: I cannot do that with the tools I have."
 
 
 # --- BFCL function sets as the programs a constrained model writes -------------------------
@@ -329,7 +329,7 @@ def check_function_set(engine: Engine, fs: FunctionSet, tally: Tally) -> None:
         if beyond_bounds(calls):
             beyond.append(fenced(lines))
         else:
-            right += [("required", fenced(lines)), ("auto", "Let me call the tools.\n" + fenced(lines))]
+            right += [("required", fenced(lines)), ("auto", fenced(lines))]
     if not fs.programs and not fs.sources:
         right.append(("auto", TEXT_ANSWER))
     wrong = wrong_programs(toolset, answers[0] if answers else [])
@@ -354,6 +354,14 @@ def check_function_set(engine: Engine, fs: FunctionSet, tally: Tally) -> None:
             else:
                 tally.counts[f"{variant} refused wrong"] += 1
                 tally.counts[f"{variant} refused beyond bounds"] += kind == "beyond-bounds"
+        # auto: the first choice is to act or to answer, so an answer without its mark is refused
+        if not toolset.tools:  # nothing to call: an answer is all there is
+            continue
+        tally.counts[f"{variant} wrong"] += 1
+        if engine.accepts(matchers["auto"], TEXT_ANSWER.removeprefix("Answer: ")):
+            tally.failures.append(f"{fs.id} [{variant}]: accepts an unmarked answer")
+        else:
+            tally.counts[f"{variant} refused wrong"] += 1
 
 
 def check_category(engine: Engine, category: str, step: int = 1) -> Tally:

@@ -206,11 +206,12 @@ def test_a_server_that_ignores_the_grammar_is_detected_and_its_replies_judged_li
     failed = metric(proxy, "cablectl_grammar_repairs_total", model="ignored", outcome="failed")
     kernels = metric(proxy, "cablectl_actions_total", path="kernel")
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
-        # prose where the grammar wants a call, twice (the repair does not help this model)
+        # no call where the grammar wants one (prose, or a block that calls no tool), twice (the
+        # repair does not help this model)
         with pytest.raises(openai.APIStatusError) as info:
             client.chat.completions.create(**{**REQUIRED, "model": "ignored", "max_tokens": 128})
         assert info.value.status_code == 502
-        assert info.value.code == "invalid_model_output" and "must call a function" in info.value.message
+        assert info.value.code == "invalid_model_output" and "must call" in info.value.message
         assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 2
         assert (
             metric(proxy, "cablectl_grammar_repairs_total", model="ignored", outcome="failed") == failed + 1
@@ -221,9 +222,8 @@ def test_a_server_that_ignores_the_grammar_is_detected_and_its_replies_judged_li
         raw = client.chat.completions.with_raw_response.create(model="ignored", **COMPARE)
         result = raw.parse()
 
-        # outside the grammar, and unusable as written: the model wrote out the stub it was
-        # shown, then called it (kept, the call would go to that do-nothing function); read as
-        # with grammar: none, the restated stub is left out and the call goes to the client
+        # outside the grammar: a kernel program (a print of its own, then the call with
+        # positional arguments), read as with grammar: none; its call goes to the client
         emailed = client.chat.completions.create(
             model="ignored",
             messages=[{"role": "user", "content": "Send an email to bob@example.com saying hello."}],
@@ -239,9 +239,11 @@ def test_a_server_that_ignores_the_grammar_is_detected_and_its_replies_judged_li
     assert set(httpx.Response(200, content=sent[0].function.arguments).json()) == {"to", "body"}
     assert OUT_OF_STEPS in (result.choices[0].message.content or "")
     assert metric(proxy, "cablectl_grammar_ignored_total", model="ignored") == ignored + 4
-    assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 1
+    assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 2  # compare, email
     [cell] = cells(proxy, raw.headers["x-cablectl-session-id"])
-    assert cell["error"] is None and cell["output"].strip()  # the program printed its comparison
+    # the program ran in the kernel (this model's comparison prints names it never defined:
+    # the NameError went back to it as its observation)
+    assert cell["error"] is not None or cell["output"].strip()
     warnings = [r.getMessage() for r in caplog.records if "answered outside it" in r.getMessage()]
     assert len(warnings) == 1, warnings  # once per route, not once per reply
     assert "model ignored" in warnings[0] and "server: uvicorn" in warnings[0]
@@ -258,14 +260,13 @@ def test_the_none_path_sends_no_grammar_and_runs_the_program(proxy: UvicornThrea
         result = raw.parse()
         assert OUT_OF_STEPS in (result.choices[0].message.content or "")
         [cell] = cells(proxy, raw.headers["x-cablectl-session-id"])
-        assert cell["error"] is None and cell["output"].strip()
+        assert cell["error"] is not None or cell["output"].strip()  # it ran (see above)
 
-        # (the model wrote on past its code block up to max_tokens: the finish reason is
-        # "length", which the SDK's stream helper refuses, so the chunks are read as they come)
+        # (the chunks are read as they come: a model that writes on past its code block up to
+        # max_tokens ends with finish reason "length", which the SDK's stream helper refuses)
         chunks = list(client.chat.completions.create(model="plain", stream=True, **COMPARE))
         content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-        assert len(content) > 1  # content arrived in pieces
-        assert "".join(content) == result.choices[0].message.content
+        assert "".join(content) == result.choices[0].message.content  # streamed, the same answer
     assert metric(proxy, "cablectl_actions_total", path="kernel") == kernels + 2
     assert metric(proxy, "cablectl_generations_total", model="plain", grammar="none") == generations + 2
     assert metric(proxy, "cablectl_grammar_ignored_total", model="plain") == 0  # nothing was sent to keep

@@ -62,11 +62,15 @@ def action_preamble(tool_choice: Any = "auto") -> str:
 EXAMPLE = [
     {
         "role": "user",
-        "content": "What is the weather in Paris and in Rome? (example: get_weather(city: str))",
+        "content": "Translate 'good night' into French and into German. "
+        "(example: translate(text: str, language: str))",
     },
     {
         "role": "assistant",
-        "content": '```python\nprint(get_weather(city="Paris"))\nprint(get_weather(city="Rome"))\n```',
+        "content": "```python\n"
+        'print(translate(text="good night", language="French"))\n'
+        'print(translate(text="good night", language="German"))\n'
+        "```",
     },
 ]
 
