@@ -150,6 +150,6 @@ def test_grammar_files_are_package_data() -> None:
         ]
     )
     parser = parser_for(build_grammar(toolset, "auto"))
-    tree = parser.parse('Let me check.\n```python\nget_weather(city="Paris")\n```')
+    tree = parser.parse('```python\nget_weather(city="Paris")\n```')
     assert len(list(tree.find_data("action"))) == 1
-    assert parser.parse("Just an answer, no code.")
+    assert parser.parse("Answer: Just an answer, no code.")
