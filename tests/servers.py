@@ -10,13 +10,26 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["UvicornThread", "free_port", "wait_for_redis"]
+__all__ = ["UvicornThread", "free_port", "free_ports", "wait_for_redis"]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: each is held until all are picked (``free_port`` called
+    twice can hand out the same port again when nothing has bound the first one yet)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_for_redis(url: str, proc: Any, timeout: float = 10.0) -> None:

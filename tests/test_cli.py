@@ -20,6 +20,7 @@ from tests.conftest import ProxyFactory, upstream_models
 from tests.servers import UvicornThread
 from tests.test_actions import LOOP_PROGRAM, WEATHER, answer_call, program
 from tests.upstream import ScriptedUpstream
+from translators.prompt import EXAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +141,9 @@ def test_sessions_export_jsonl(
     assert code == 0 and "exported 2 turn(s) from 1 session(s)" in err
     first, second = map(json.loads, target.read_text().splitlines())
     assert (first["turn"], first["mode"], second["mode"]) == (1, "kernel", "answer")
-    system, user, reply = first["messages"]
+    system, *example, user, reply = first["messages"]
     assert system["role"] == "system" and "def get_weather(city: str" in system["content"]
+    assert example == EXAMPLE  # the prompt's worked example, as the model saw it
     assert user == {"role": "user", "content": "Which is hotter, Paris or Rome?"}
     assert reply == {"role": "assistant", "content": LOOP_PROGRAM}
     assert first["action"].startswith("temps = {}")

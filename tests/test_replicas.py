@@ -29,7 +29,7 @@ import orjson
 import pytest
 import yaml
 
-from tests.servers import UvicornThread, free_port
+from tests.servers import UvicornThread, free_ports
 from tests.upstream import Reply, ScriptedUpstream, Stream, canned_completion
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -168,10 +168,12 @@ def cluster(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
         cluster = Cluster(redis_url=redis_url)
         cablectl = str(Path(sys.executable).parent / "cablectl")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+        # all four ports at once: picked one by one, a replica was once given the port of
+        # another that had not bound it yet, failed to bind, and the test talked to the other
+        *ports, balancer_port = free_ports(4)
         try:
-            for n in range(3):
+            for n, port in enumerate(ports):
                 name = f"r{n + 1}"
-                port = free_port()
                 config = {
                     "model_list": [
                         {
@@ -202,7 +204,9 @@ def cluster(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
                 cluster.urls[name] = f"http://127.0.0.1:{port}"
             for name, url in cluster.urls.items():
                 wait_ready(url, cluster.replicas[name], cluster.logs[name])
-            port = free_port()
+            for name, proc in cluster.replicas.items():
+                assert proc.poll() is None, f"replica {name} exited: {cluster.logs[name].read_text()[-2000:]}"
+            port = balancer_port
             servers = "\n".join(
                 f"    server {name} {url.removeprefix('http://')} check inter 300ms fall 2 rise 2"
                 for name, url in cluster.urls.items()
