@@ -38,38 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loop import KERNEL, STATIC, TEMPS, TOOLS, Responder  # noqa: E402
-from bench.stats import machine_cpu_seconds, pct  # noqa: E402
+from bench.stats import machine_cpu_seconds, pct, process_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from tests.servers import UvicornThread, free_port  # noqa: E402
 
 SESSION_TTL = 10.0  # short, so that a round's sessions expire before memory is read
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of ``root`` and every process under it, live or reaped (a reaped child's time is in
-    its parent's cutime/cstime): the proxy, its fork server, kernels, sandboxes."""
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        fields = stats.get(pid)
-        if fields is not None:
-            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-        todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -263,15 +235,15 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
             for round_ in (1, 2):
                 for start, (proxy, base) in proxies.items():
                     upstream.program = STATIC
-                    cpu = cpu_seconds(proxy.pid)
+                    cpu = process_cpu_seconds(proxy.pid, children=False)
                     fast, wall = await phase(base, fast_request, requests, 50, deadline)
                     print(fast.line(f"round {round_} {start}: fast path, c=50", wall, requests, "requests"))
                     print(
-                        f"    proxy CPU per request {(cpu_seconds(proxy.pid) - cpu) / requests * 1000:.2f} ms"
+                        f"    proxy CPU per request {(process_cpu_seconds(proxy.pid, children=False) - cpu) / requests * 1000:.2f} ms"
                     )
                     upstream.program = KERNEL
                     cpu, tree, machine = (
-                        cpu_seconds(proxy.pid),
+                        process_cpu_seconds(proxy.pid, children=False),
                         tree_cpu_seconds(proxy.pid),
                         machine_cpu_seconds(),
                     )
@@ -291,7 +263,7 @@ async def main(requests: int, sessions: int, max_seconds: float, starts: list[st
                     print(
                         f"    replays {replayed:.0f};  first step (takes a kernel) p50 {pct(kernel.first, 0.5):.1f} ms  "
                         f"p99 {pct(kernel.first, 0.99):.1f} ms;  proxy CPU per session "
-                        f"{(cpu_seconds(proxy.pid) - cpu) / sessions * 1000:.2f} ms (kernel processes not included)"
+                        f"{(process_cpu_seconds(proxy.pid, children=False) - cpu) / sessions * 1000:.2f} ms (kernel processes not included)"
                     )
                     print(
                         f"    CPU per session: whole machine {machine / sessions * 1000:.1f} ms (busy "

@@ -14,9 +14,7 @@ __all__ = ["UvicornThread", "free_port", "free_ports", "wait_for_redis"]
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:

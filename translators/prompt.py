@@ -45,15 +45,13 @@ def action_preamble(tool_choice: Any = "auto") -> str:
     prompt's prefix cached, as llama.cpp does, reads it once)."""
     if tool_choice == "none":
         return "Answer in plain text. Do not write code in this reply."
-    return "\n".join(
-        [
-            "You can act by writing Python that calls the functions listed below. When one of them can "
-            "do what the user asks, call it: do not work the answer out yourself. Reply with exactly one "
-            "```python block that calls them with keyword arguments, one call per line, once for each "
-            "thing asked. Print what you need to see; results come back to you as an observation. When "
-            f"you can answer without them, reply with {ANSWER_MARK} and then your answer in plain text, "
-            "with no code block.",
-        ]
+    return (
+        "You can act by writing Python that calls the functions listed below. When one of them can "
+        "do what the user asks, call it: do not work the answer out yourself. Reply with exactly one "
+        "```python block that calls them with keyword arguments, one call per line, once for each "
+        "thing asked. Print what you need to see; results come back to you as an observation. When "
+        f"you can answer without them, reply with {ANSWER_MARK} and then your answer in plain text, "
+        "with no code block."
     )
 
 

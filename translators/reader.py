@@ -105,7 +105,7 @@ class OutputReader:
         while "\n" in self._line and self._state != "after":
             line, self._line = self._line.split("\n", 1)
             self._complete_line(line)
-        if self._state == "prose" and self._line and not self._may_be_fence(self._line):
+        if self._state == "prose" and self._line and not self._held_back(self._line):
             self._prose(self._line)
             self._line, self._line_shown = "", True
         elif self._state == "code" and self._line.lstrip(" \t").startswith("```"):
@@ -132,7 +132,7 @@ class OutputReader:
 
     # --- lines ---------------------------------------------------------------------------
 
-    def _may_be_fence(self, line: str) -> bool:
+    def _held_back(self, line: str) -> bool:
         if self._line_shown:
             return False
         if not self._started and ANSWER_MARK.startswith(line.lstrip()):
