@@ -7,6 +7,15 @@ holds no ZeroMQ context and runs no event loop, so a forked child starts clean: 
 own context, sockets, threads and event loop when ipykernel initializes. Its modules are imported
 before ``gc.freeze()``, so the collector does not touch (and copy) the inherited objects.
 
+It also builds, once, the one part of a kernel that depends on nothing of any kernel: ipykernel's
+shell (``ZMQInteractiveShell``: namespaces, magics, completer, formatters, traceback handlers;
+history off), with no directory made, no ZeroMQ and no thread (``_build_shell``). Every kernel
+forked afterwards starts from that same pristine object, which ipykernel's own
+``ZMQInteractiveShell.instance()`` hands to the kernel it builds; the child then gives it what a
+spawned kernel's shell takes from its own process (``_adopt_shell``: the kernel, its profile and
+IPython directories, home, working directory, environment). Where the kernel's configuration is
+not the one the shell was built with, the child drops it and ipykernel builds a shell of its own.
+
 Protocol: one JSON object per line. On stdin, requests: ``{"op": "start", "id", "conn", "cwd",
 "env", "limits": [memory bytes, cpu seconds, open files], "unshare_net", "bwrap": argv or null}``
 and ``{"op": "kill", "id"}``. On stdout: ``{"ready": true}`` once, then ``{"id", "pid"}`` (or
@@ -137,13 +146,23 @@ def _set_title(args: list[str]) -> None:
     ctypes.memmove(start, data.ljust(size, b"\0"), size)
 
 
+def _kernel_config() -> Any:
+    """The configuration every kernel is given (``_become_kernel``), and the shell built with."""
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False  # executes are never stored: no sqlite, no thread
+    return config
+
+
 def _send(message: dict[str, Any]) -> None:
     data = json.dumps(message).encode() + b"\n"
     while data:
         data = data[os.write(1, data) :]
 
 
-def _preload() -> None:
+def _preload() -> Any:
+    """Import, warm, build the shell (None if it could not be built); then freeze the heap."""
     import importlib
 
     for name in PRELOAD:
@@ -152,8 +171,75 @@ def _preload() -> None:
         except Exception as exc:  # an optional module: the kernel imports it later if at all
             print(f"cablectl fork server: could not preload {name}: {exc}", file=sys.stderr)
     _warm()
+    shell = _build_shell()
     gc.collect()
     gc.freeze()
+    return shell
+
+
+def _build_shell() -> Any:
+    """ipykernel's shell, as its kernel would build it, from nothing of any kernel; registered as
+    the shell singleton, which ipykernel's kernel takes (``ZMQInteractiveShell.instance()``).
+
+    Built with what is the same in every kernel: the kernels' configuration, the kernel's
+    compiler, a namespace of its own (the kernel gives it none); and with nothing that differs:
+    no IPython directory (an empty one is the default, so none is made), a profile directory
+    with no location (nothing made), no kernel. What it reads from this process (working
+    directory, home, environment) each child sets again for itself (``_adopt_shell``); the
+    variables it sets in the environment are undone here. It makes no ZeroMQ context, socket or
+    thread (history is off: no saving thread), and runs no code."""
+    saved = dict(os.environ)
+    try:
+        from ipykernel.ipkernel import IPythonKernel
+        from ipykernel.zmqshell import ZMQInteractiveShell
+        from IPython.core.profiledir import ProfileDir
+
+        shell: Any = ZMQInteractiveShell.instance(
+            config=_kernel_config(),
+            ipython_dir="",
+            profile_dir=ProfileDir(),
+            compiler_class=IPythonKernel.compiler_class.default_value,
+        )
+        shell.display_formatter.formatters  # noqa: B018  (built on the first display otherwise)
+    except Exception as exc:  # each kernel builds its own instead
+        print(f"cablectl fork server: could not build the kernel shell: {exc}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            from ipykernel.zmqshell import ZMQInteractiveShell
+
+            ZMQInteractiveShell.clear_instance()
+        return None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return shell
+
+
+def _adopt_shell(app: Any, shell: Any) -> None:
+    """Make the pre-built shell this kernel's: what ``IPythonKernel`` passes a shell it builds,
+    and what a shell reads from its process at construction, read again here."""
+    from pathlib import Path
+
+    from IPython.paths import get_ipython_dir
+    from IPython.utils.path import get_home_dir
+
+    kernel = app.kernel
+    if kernel is None or kernel.shell is not shell:
+        return
+    shell.parent = kernel
+    # the kernel's is the one it was built with (checked before the kernel was built), plus what
+    # the shell added to its own (ipykernel's marker for tqdm); then both are one object again
+    kernel.config.merge(shell.config)
+    shell.config = kernel.config
+    shell.kernel = kernel
+    shell.ipython_dir = get_ipython_dir()
+    shell.profile_dir = kernel.profile_dir
+    shell.starting_dir = os.getcwd()
+    shell.home_dir = get_home_dir()
+    history = shell.history_manager
+    history.hist_file = history._get_hist_file_name()
+    history.dir_hist[:] = [Path.cwd()]  # the list the namespace's _dh is
+    shell.init_environment()  # TERM, PAGER, ...: set in this kernel's environment
+    shell.init_virtualenv()
 
 
 def _warm() -> None:
@@ -207,8 +293,9 @@ def _unshare_network() -> None:
         f.write(f"{gid} {gid} 1")
 
 
-def _become_kernel(req: dict[str, Any]) -> None:
-    """Limits, environment, working directory, fresh random state; then ipykernel (never returns)."""
+def _become_kernel(req: dict[str, Any], shell: Any) -> None:
+    """Limits, environment, working directory, fresh random state; then ipykernel, with the
+    pre-built ``shell`` if there is one (never returns)."""
     with contextlib.suppress(PermissionError):  # a group leader already (unsandboxed: it is
         os.setsid()  # the server's child, in a group of its own), and that is what it needs
     memory, cpu, files = (int(x) for x in req["limits"])
@@ -228,7 +315,6 @@ def _become_kernel(req: dict[str, Any]) -> None:
         numpy.random.seed()
     sys.argv = ["ipykernel_launcher", "--HistoryManager.enabled=False", "-f", req["conn"]]
     from ipykernel.kernelapp import IPKernelApp
-    from traitlets.config import Config
 
     code = 0
     try:
@@ -238,11 +324,11 @@ def _become_kernel(req: dict[str, Any]) -> None:
         app.parent_handle = 1
         # what the spawned kernel's command line says (sys.argv above, for anyone who looks),
         # set directly: building traitlets' argument parser for two options costs ~5 ms a kernel
-        config = Config()
-        config.HistoryManager.enabled = False  # executes are never stored: no sqlite, no thread
-        app.update_config(config)
+        app.update_config(_kernel_config())
         app.connection_file = req["conn"]
         app.parse_command_line = lambda argv=None: None  # type: ignore[method-assign]
+        if shell is not None:
+            _with_shell(app, shell)
         app.initialize([])  # type: ignore[no-untyped-call]
         app.start()  # type: ignore[no-untyped-call]
     except SystemExit as exc:
@@ -255,6 +341,26 @@ def _become_kernel(req: dict[str, Any]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _sections(config: Any) -> dict[str, Any]:
+    """A configuration's sections but empty ones (a lookup makes them)."""
+    return {name: section for name, section in config.items() if section}
+
+
+def _with_shell(app: Any, shell: Any) -> None:
+    """The kernel ``app`` builds takes ``shell`` (ipykernel's ``instance()`` returns it), and
+    adopts it before anything else uses it (extensions, startup files); unless the configuration
+    read since (config files) is not the one it was built with: then ipykernel builds its own."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    def init_kernel() -> None:
+        if _sections(app.config) != _sections(_kernel_config()):
+            type(shell).clear_instance()
+        IPKernelApp.init_kernel(app)  # type: ignore[no-untyped-call]
+        _adopt_shell(app, shell)
+
+    app.init_kernel = init_kernel  # type: ignore[method-assign]
 
 
 def _join_sandbox(sandbox: subprocess.Popen[bytes], info_fd: int) -> None:
@@ -292,7 +398,7 @@ def _join_sandbox(sandbox: subprocess.Popen[bytes], info_fd: int) -> None:
         os.close(fd)
 
 
-def _child(req: dict[str, Any], server: int) -> None:
+def _child(req: dict[str, Any], server: int, shell: Any) -> None:
     """In the forked child (never returns)."""
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -304,7 +410,7 @@ def _child(req: dict[str, Any], server: int) -> None:
         if req.get("bwrap") is None:
             if req.get("unshare_net"):
                 _unshare_network()
-            _become_kernel(req)
+            _become_kernel(req, shell)
         read, write = os.pipe()
         argv = [*req["bwrap"], "--as-pid-1", "--info-fd", str(write), "--", *PLACEHOLDER, req["conn"]]
         sandbox = subprocess.Popen(
@@ -318,7 +424,7 @@ def _child(req: dict[str, Any], server: int) -> None:
             _die_with_parent(0)  # its parent, the keeper, is outside its PID namespace: PID 0 here
             os.closerange(3, 65536)  # the keeper's pipes to the sandbox stay the keeper's
             _drop_privileges()
-            _become_kernel(req)
+            _become_kernel(req, shell)
         _, status = os.waitpid(kernel, 0)
         sandbox.kill()
         sandbox.wait()
@@ -331,7 +437,7 @@ def _child(req: dict[str, Any], server: int) -> None:
 def main() -> None:
     server = os.getpid()
     _die_with_parent(int(sys.argv[1]))
-    _preload()
+    shell = _preload()
     children: dict[int, str] = {}  # pid -> kernel id, until reaped
     by_id: dict[str, int] = {}
     wake_r, wake_w = os.pipe()
@@ -383,7 +489,7 @@ def main() -> None:
                     _send({"id": req["id"], "error": str(exc)})
                     continue
                 if pid == 0:
-                    _child(req, server)
+                    _child(req, server, shell)
                 with contextlib.suppress(OSError):  # as the child does: whichever runs first
                     os.setpgid(pid, pid)
                 children[pid] = str(req["id"])
