@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -431,6 +432,23 @@ class ProxyLauncher:
 # --- inside one sandbox ------------------------------------------------------------------------
 
 
+def test_the_sandbox_mounts_nothing_it_shows_already(tmp_path: Path) -> None:
+    """No directory is bound inside another that is bound (its files are there already), the
+    Python installation and the venv are all there, and /etc/localtime, a link into /usr on the
+    host, is the same link inside (no mount for it either)."""
+    argv = Bubblewrap("bwrap").argv(str(tmp_path / "w"), str(tmp_path / "r"), network=False)
+    binds = [Path(argv[i + 2]) for i, arg in enumerate(argv) if arg in ("--ro-bind", "--ro-bind-try")]
+    dirs = [b for b in binds if b.is_dir()]
+    for path in binds:
+        assert not any(path != d and path.is_relative_to(d) for d in dirs), path
+    for needed in (sys.base_prefix, sys.prefix, Path(sys.executable).resolve().parent):
+        assert any(Path(needed).is_relative_to(b) for b in binds), needed
+    localtime = Path("/etc/localtime")
+    if localtime.is_symlink() and localtime.resolve().is_relative_to("/usr"):
+        assert argv[argv.index("/etc/localtime") - 2] == "--symlink"
+        assert argv[argv.index("/etc/localtime") - 1] == str(localtime.resolve())
+
+
 @pytest.mark.anyio
 async def test_inside_a_sandbox() -> None:
     """Its own user, host name, capped memory filesystems, no capabilities, and the usual tools."""
@@ -439,7 +457,7 @@ async def test_inside_a_sandbox() -> None:
     async with KernelPool(provider, min_idle=1, max_total=1, limits=ExecLimits(timeout=30)) as pool:
         kernel = await pool.acquire("s")
         done = await kernel.execute(
-            "import os, getpass, socket, json, multiprocessing\n"
+            "import os, getpass, socket, json, multiprocessing, hashlib\n"
             "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
             "fs = lambda p: os.statvfs(p).f_blocks * os.statvfs(p).f_frsize\n"
             "with multiprocessing.Pool(2) as p:\n"
@@ -448,7 +466,9 @@ async def test_inside_a_sandbox() -> None:
             "    'home': os.path.expanduser('~') == os.getcwd(), 'tmp': fs('/tmp'), 'shm': fs('/dev/shm'),\n"
             "    'caps': status['CapEff'].strip(), 'bounding': status['CapBnd'].strip(),\n"
             "    'no_new_privs': status['NoNewPrivs'].strip(), 'squares': squares,\n"
-            "    'localhost': socket.gethostbyname('localhost')}))"
+            "    'localhost': socket.gethostbyname('localhost'),\n"
+            "    'localtime': hashlib.sha256(open('/etc/localtime', 'rb').read()).hexdigest()\n"
+            "        if os.path.exists('/etc/localtime') else None}))"
         )
         assert isinstance(done, Finished) and done.output.error is None, done
         seen = json.loads(done.output.stdout)
@@ -466,7 +486,14 @@ async def test_inside_a_sandbox() -> None:
         "no_new_privs": "1",
         "squares": [4, 9],
         "localhost": "127.0.0.1",
+        "localtime": host_localtime(),
     }
+
+
+def host_localtime() -> str | None:
+    """What a kernel should find at /etc/localtime: the host's time zone file, or none."""
+    path = Path("/etc/localtime")
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 @pytest.mark.anyio

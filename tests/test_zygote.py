@@ -185,3 +185,33 @@ async def test_a_kernel_configured_otherwise_builds_its_own_shell(tmp_path: Path
     assert seen["prebuilt"] is False
     assert seen["separate_in"] == "configured"
     assert seen["user"] == [] and seen["history"] == ["DummyDB", False]
+
+
+MODULES = r"""
+import json, sys
+import ipykernel.ipkernel as ipkernel
+files = get_ipython().kernel._kernel_modules
+print(json.dumps({
+    "sys": ipkernel.sys is sys,
+    "listed": [name in files for name in (ipkernel.__file__, json.__file__)],
+    "many": len(files) > 100,
+    "paths": all(isinstance(f, str) and f.startswith("/") for f in files),
+}))
+"""
+
+
+async def test_a_forked_kernel_lists_the_modules_a_spawned_one_does() -> None:
+    """ipykernel's list of its modules' files (for its debugger), which the fork server makes
+    once: a forked kernel has one as a spawned kernel does, and its ``sys`` is the real one."""
+    seen = {}
+    for start in ("fork", "spawn"):
+        provider = LocalKernelProvider(network=False, start=start)
+        try:
+            kernel = await provider.start_kernel()
+            try:
+                seen[start] = json.loads((await run(kernel, MODULES)).output.stdout)
+            finally:
+                await kernel.shutdown()
+        finally:
+            await provider.aclose()
+    assert seen["fork"] == seen["spawn"] == {"sys": True, "listed": [True, True], "many": True, "paths": True}

@@ -161,8 +161,9 @@ def _send(message: dict[str, Any]) -> None:
         data = data[os.write(1, data) :]
 
 
-def _preload() -> Any:
-    """Import, warm, build the shell (None if it could not be built); then freeze the heap."""
+def _preload() -> tuple[Any, _ModuleFiles]:
+    """Import, warm, build the shell (None if it could not be built) and the module files list;
+    then freeze the heap."""
     import importlib
 
     for name in PRELOAD:
@@ -172,9 +173,61 @@ def _preload() -> Any:
             print(f"cablectl fork server: could not preload {name}: {exc}", file=sys.stderr)
     _warm()
     shell = _build_shell()
+    modules = _ModuleFiles.snapshot()
     gc.collect()
     gc.freeze()
-    return shell
+    return shell, modules
+
+
+class _ModuleFile:
+    __slots__ = ("__file__",)
+
+    def __init__(self, path: str) -> None:
+        self.__file__ = path
+
+
+class _ModuleFiles:
+    """The file of every module this process has loaded, as ipykernel's kernel lists them when
+    it is built (``IPythonKernel.__init__``: for its debugger, which leaves them out of
+    "just my code"), listed once here rather than in each kernel.
+
+    A kernel that lists them itself touches every module object and every path string it
+    inherited (a reference count each: ~420 copy-on-write page faults, 2-3 ms of CPU a kernel here). These
+    are copies made together, on a few pages of their own, and the kernel's code sees them as
+    ``sys.modules`` while its kernel is built (``during_kernel_build``); everywhere else, and
+    for all other attributes of ``sys`` even there, it is the real ``sys``. A module a kernel
+    imports between the fork and that point is not in the list (the debugger would step into
+    it), which no cablectl client notices: the proxy never sends a debug request."""
+
+    def __init__(self, modules: dict[str, _ModuleFile]) -> None:
+        self.modules = modules
+
+    @classmethod
+    def snapshot(cls) -> _ModuleFiles:
+        files = [str(m.__file__) for m in sys.modules.copy().values() if getattr(m, "__file__", None)]
+        # one new string, split: fresh copies, laid out one after another
+        copies = "\0".join(files).split("\0")
+        return cls({str(i): _ModuleFile(path) for i, path in enumerate(copies)})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys, name)
+
+    @contextlib.contextmanager
+    def during_kernel_build(self) -> Any:
+        """ipykernel's kernel module sees this as ``sys`` (only while the kernel is built)."""
+        try:
+            from ipykernel import ipkernel
+        except ImportError:
+            yield
+            return
+        if getattr(ipkernel, "sys", None) is not sys:
+            yield  # not the module we know: it lists them itself
+            return
+        ipkernel.sys = self  # type: ignore[attr-defined,assignment]
+        try:
+            yield
+        finally:
+            ipkernel.sys = sys  # type: ignore[attr-defined]
 
 
 def _build_shell() -> Any:
@@ -293,9 +346,9 @@ def _unshare_network() -> None:
         f.write(f"{gid} {gid} 1")
 
 
-def _become_kernel(req: dict[str, Any], shell: Any) -> None:
+def _become_kernel(req: dict[str, Any], shell: Any, modules: _ModuleFiles) -> None:
     """Limits, environment, working directory, fresh random state; then ipykernel, with the
-    pre-built ``shell`` if there is one (never returns)."""
+    pre-built ``shell`` if there is one, and the ``modules`` listed (never returns)."""
     with contextlib.suppress(PermissionError):  # a group leader already (unsandboxed: it is
         os.setsid()  # the server's child, in a group of its own), and that is what it needs
     memory, cpu, files = (int(x) for x in req["limits"])
@@ -327,8 +380,7 @@ def _become_kernel(req: dict[str, Any], shell: Any) -> None:
         app.update_config(_kernel_config())
         app.connection_file = req["conn"]
         app.parse_command_line = lambda argv=None: None  # type: ignore[method-assign]
-        if shell is not None:
-            _with_shell(app, shell)
+        _with_shell(app, shell, modules)
         app.initialize([])  # type: ignore[no-untyped-call]
         app.start()  # type: ignore[no-untyped-call]
     except SystemExit as exc:
@@ -348,17 +400,20 @@ def _sections(config: Any) -> dict[str, Any]:
     return {name: section for name, section in config.items() if section}
 
 
-def _with_shell(app: Any, shell: Any) -> None:
+def _with_shell(app: Any, shell: Any, modules: _ModuleFiles) -> None:
     """The kernel ``app`` builds takes ``shell`` (ipykernel's ``instance()`` returns it), and
-    adopts it before anything else uses it (extensions, startup files); unless the configuration
-    read since (config files) is not the one it was built with: then ipykernel builds its own."""
+    adopts it before anything else uses it (extensions, startup files); unless there is none,
+    or the configuration read since (config files) is not the one it was built with: then
+    ipykernel builds its own. Either way it finds the ``modules`` listed already."""
     from ipykernel.kernelapp import IPKernelApp
 
     def init_kernel() -> None:
-        if _sections(app.config) != _sections(_kernel_config()):
+        if shell is not None and _sections(app.config) != _sections(_kernel_config()):
             type(shell).clear_instance()
-        IPKernelApp.init_kernel(app)  # type: ignore[no-untyped-call]
-        _adopt_shell(app, shell)
+        with modules.during_kernel_build():
+            IPKernelApp.init_kernel(app)  # type: ignore[no-untyped-call]
+        if shell is not None:
+            _adopt_shell(app, shell)
 
     app.init_kernel = init_kernel  # type: ignore[method-assign]
 
@@ -398,7 +453,7 @@ def _join_sandbox(sandbox: subprocess.Popen[bytes], info_fd: int) -> None:
         os.close(fd)
 
 
-def _child(req: dict[str, Any], server: int, shell: Any) -> None:
+def _child(req: dict[str, Any], server: int, shell: Any, modules: _ModuleFiles) -> None:
     """In the forked child (never returns)."""
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -410,7 +465,7 @@ def _child(req: dict[str, Any], server: int, shell: Any) -> None:
         if req.get("bwrap") is None:
             if req.get("unshare_net"):
                 _unshare_network()
-            _become_kernel(req, shell)
+            _become_kernel(req, shell, modules)
         read, write = os.pipe()
         argv = [*req["bwrap"], "--as-pid-1", "--info-fd", str(write), "--", *PLACEHOLDER, req["conn"]]
         sandbox = subprocess.Popen(
@@ -424,7 +479,7 @@ def _child(req: dict[str, Any], server: int, shell: Any) -> None:
             _die_with_parent(0)  # its parent, the keeper, is outside its PID namespace: PID 0 here
             os.closerange(3, 65536)  # the keeper's pipes to the sandbox stay the keeper's
             _drop_privileges()
-            _become_kernel(req, shell)
+            _become_kernel(req, shell, modules)
         _, status = os.waitpid(kernel, 0)
         sandbox.kill()
         sandbox.wait()
@@ -437,7 +492,7 @@ def _child(req: dict[str, Any], server: int, shell: Any) -> None:
 def main() -> None:
     server = os.getpid()
     _die_with_parent(int(sys.argv[1]))
-    shell = _preload()
+    shell, modules = _preload()
     children: dict[int, str] = {}  # pid -> kernel id, until reaped
     by_id: dict[str, int] = {}
     wake_r, wake_w = os.pipe()
@@ -489,7 +544,7 @@ def main() -> None:
                     _send({"id": req["id"], "error": str(exc)})
                     continue
                 if pid == 0:
-                    _child(req, server, shell)
+                    _child(req, server, shell, modules)
                 with contextlib.suppress(OSError):  # as the child does: whichever runs first
                     os.setpgid(pid, pid)
                 children[pid] = str(req["id"])

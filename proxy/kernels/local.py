@@ -476,7 +476,11 @@ class LocalKernelProvider(KernelProvider):
         inside = None  # sandboxed: where its sockets appear (the proxy connects through links)
         if self.sandbox is not None:
             inside = self.sandbox.prepare(
-                workdir, rundir, network=self.network, tmpfs_bytes=self.limits.memory_bytes
+                workdir,
+                rundir,
+                network=self.network,
+                tmpfs_bytes=self.limits.memory_bytes,
+                launcher=self._forks is None,
             )
         if self._forks is not None:
             return await self._fork(self._forks, kernel_id, workdir, rundir, inside)

@@ -135,12 +135,18 @@ class Bubblewrap:
                 args += ["--symlink", str(target.readlink()), str(target)]
             elif target.is_dir():
                 args += _ro(str(target))
+        bound = [Path("/usr")]
         for prefix in dict.fromkeys(
             [sys.base_prefix, sys.prefix, str(Path(sys.executable).resolve().parent)]
         ):
+            if _within(Path(prefix), bound):
+                continue  # what it holds is there already: one mount less
+            bound.append(Path(prefix))
             args += _ro(prefix)
         for path in ETC_FILES:
-            args += _ro(path)
+            link = _link_into(Path(path), bound)
+            # a link to a file the sandbox sees already (/etc/localtime): the same link, no mount
+            args += ["--symlink", str(link), path] if link is not None else _ro(path)
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += [
             "--size",
@@ -183,12 +189,16 @@ class Bubblewrap:
             "--",
         ]
 
-    def prepare(self, workdir: Path, rundir: Path, *, network: bool, tmpfs_bytes: int = 0) -> Path:
+    def prepare(
+        self, workdir: Path, rundir: Path, *, network: bool, tmpfs_bytes: int = 0, launcher: bool = True
+    ) -> Path:
         """Lay out one kernel's runtime directory; returns the directory its sockets appear in.
 
         ``rundir`` itself is the proxy's: the connection file jupyter_client writes,
-        ``sandbox.json``, the kernel's ``/etc`` files, and (``link_sockets``) hard links to the
-        kernel's sockets, through which the proxy connects. The kernel sees ``rundir/sandbox``
+        ``sandbox.json`` (for ``sandbox_launcher``; not written with ``launcher=False``: a
+        forked kernel's bwrap has its arguments from the proxy), the kernel's ``/etc`` files,
+        and (``link_sockets``) hard links to the kernel's sockets, through which the proxy
+        connects. The kernel sees ``rundir/sandbox``
         at ``rundir``'s path: a copy of its connection file, and the sockets it makes. A program
         can replace what it sees there (with symlinks to any socket on the host, say), never
         where the proxy's connections go."""
@@ -200,8 +210,9 @@ class Bubblewrap:
         (etc / "passwd").write_text(f"{SANDBOX_USER}:x:{uid}:{uid}:cablectl kernel:{workdir}:/bin/sh\n")
         (etc / "group").write_text(f"{SANDBOX_USER}:x:{uid}:\n")
         (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {SANDBOX_USER}\n::1\tlocalhost\n")
-        argv = self.argv(str(workdir), str(rundir), network=network, tmpfs_bytes=tmpfs_bytes)
-        (rundir / ARGV_FILE).write_text(json.dumps({"argv": argv, "inside": str(inside)}))
+        if launcher:
+            argv = self.argv(str(workdir), str(rundir), network=network, tmpfs_bytes=tmpfs_bytes)
+            (rundir / ARGV_FILE).write_text(json.dumps({"argv": argv, "inside": str(inside)}))
         return inside
 
 
@@ -242,6 +253,26 @@ async def link_sockets(
 
 def _ro(path: str) -> list[str]:
     return ["--ro-bind-try", path, path]
+
+
+def _within(path: Path, bound: list[Path]) -> bool:
+    """Whether ``path`` (with no symbolic link on the way: it is itself, resolved) is inside one
+    of the ``bound`` directories, each bound read-only at its own path (recursively): then the
+    sandbox sees it, the same files, read-only, without a mount of its own. Its ancestors are
+    real directories (an ancestor of a resolved path is one), so the bind of the one it is in
+    shows it where it is."""
+    if not path.is_absolute() or path.resolve() != path:
+        return False
+    return any(path.is_relative_to(b) for b in bound)
+
+
+def _link_into(path: Path, bound: list[Path]) -> Path | None:
+    """Where ``path`` leads, if it is a symbolic link to a file the sandbox sees at the same path
+    (inside ``bound``; ``/etc/localtime`` to ``/usr/share/zoneinfo/...``, say); else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return target if target.is_file() and _within(target, bound) else None
 
 
 def sandbox_launcher(inner: str) -> str:
