@@ -27,7 +27,7 @@ from proxy.schemas import ChatCompletionRequest
 __all__ = ["LiteLLMBackend", "LiteLLMRouter"]
 
 # Settings of ours that litellm must not see.
-_LOCAL_ONLY = {"model_path", "n_ctx", "n_threads", "n_batch", "n_contexts"}
+_LOCAL_ONLY = {"model_path", "n_ctx", "n_threads", "n_batch", "n_contexts", "copy_bias"}
 # cablectl applies these itself on every route
 _ROUTER_OWN = {"fallbacks"}
 

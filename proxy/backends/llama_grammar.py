@@ -22,8 +22,10 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
+
+from proxy.backends.copy_bias import CopyBias
 
 __all__ = ["ConstrainedLlama", "GrammarFirstSampler"]
 
@@ -33,8 +35,12 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 class GrammarFirstSampler:
     """Quacks like ``llama_cpp._internals.LlamaSampler`` where ``Llama`` uses it (``sample``)."""
 
-    def __init__(self, base: Any, model: Any, grammar: LlamaGrammar, n_vocab: int) -> None:
+    def __init__(
+        self, base: Any, model: Any, grammar: LlamaGrammar, n_vocab: int, copy: CopyBias | None = None
+    ) -> None:
         self._base = base  # LlamaSampler chain without the grammar
+        self._model = model
+        self.copy = copy
         self._grammar = llama_cpp.llama_sampler_init_grammar(
             model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
         )
@@ -61,6 +67,9 @@ class GrammarFirstSampler:
 
     def sample(self, ctx: Any, idx: int = -1) -> int:
         self.steps += 1
+        if self.copy is not None:  # in place: the grammar pass below reads the same logits
+            logits = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
+            self.copy.apply(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)))
         token = int(llama_cpp.llama_sampler_sample(self._base.sampler, ctx.ctx, idx))
         if not self._grammar_allows(token):
             self.rejections += 1
@@ -72,6 +81,8 @@ class GrammarFirstSampler:
             llama_cpp.llama_sampler_apply(self._base.sampler, ctypes.byref(arr))
             token = int(self._full["id"][arr.selected])
         llama_cpp.llama_sampler_accept(self._grammar, token)
+        if self.copy is not None:
+            self.copy.accept(token_piece(self._model, token))
         return token
 
     def accept(self, token: int) -> None:
@@ -90,16 +101,29 @@ class GrammarFirstSampler:
         self.close()
 
 
+def token_piece(model: Any, token: int) -> bytes:
+    """A token's text as the model writes it (no special tokens)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, False)
+    return buf.raw[: max(n, 0)]
+
+
 class ConstrainedLlama(Llama):
-    """``Llama`` whose grammar-constrained sampling checks the grammar second."""
+    """``Llama`` whose grammar-constrained sampling checks the grammar second; a ``CopyBias``
+    among the logits processors of a constrained generation is applied by that sampler."""
 
     last_sampler: GrammarFirstSampler | None = None
 
     def _init_sampler(self, **kwargs: Any) -> Any:  # type: ignore[override]
         grammar = kwargs.pop("grammar", None)
-        base = super()._init_sampler(grammar=None, **kwargs)
+        processors = kwargs.pop("logits_processor", None) or []
+        copy = next((p for p in processors if isinstance(p, CopyBias)), None)
+        others = [p for p in processors if not isinstance(p, CopyBias)]
+        base = super()._init_sampler(
+            grammar=None, logits_processor=LogitsProcessorList(others) if others else None, **kwargs
+        )
         if grammar is None:
             return base
-        sampler = GrammarFirstSampler(base, self._model, grammar, self._n_vocab)
+        sampler = GrammarFirstSampler(base, self._model, grammar, self._n_vocab, copy)
         self.last_sampler = sampler
         return sampler

@@ -236,11 +236,30 @@ class LocalBackend(ModelBackend):
             from llama_cpp.llama_grammar import LlamaGrammar
 
             kwargs["grammar"] = LlamaGrammar.from_string(job.grammar.text, verbose=False)
+            if self.entry.litellm_params.copy_bias:
+                kwargs["logits_processor"] = self._copy_bias(request.messages)
         llama = await self._acquire()
         generation = _LocalGeneration(_Sampler(self, llama, kwargs))
         generation.grammar_enforced = "grammar" in kwargs
         generation.server = "llama-cpp-python (in-process)"
         return generation
+
+    def _copy_bias(self, messages: list[Message]) -> Any:
+        """The copy bias of one generation: its source is what the client sent (every message
+        but the assistant's own), one message a paragraph."""
+        from llama_cpp import LogitsProcessorList
+
+        from proxy.backends.copy_bias import CopyBias
+
+        source = "\n\n".join(m.text() for m in messages if m.role != "assistant")
+        llama = self._tokenizer
+        bias = CopyBias(
+            source,
+            self.entry.litellm_params.copy_bias,
+            lambda text: llama.tokenize(text.encode(), add_bos=False, special=False),
+        )
+        # carried to ConstrainedLlama's sampler, which applies it (it is not a chain processor)
+        return LogitsProcessorList([bias])  # type: ignore[list-item]
 
     async def open_stream(self, payload: dict[str, Any], request: ChatCompletionRequest) -> SSEStream:
         if (request.n or 1) > 1:
