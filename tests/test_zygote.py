@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +145,22 @@ async def test_forked_kernels_start_from_the_prebuilt_shell_and_share_nothing(
         await provider.aclose()
 
 
+async def in_a_kernel(start: str, look: Callable[[KernelConnection], Awaitable[Any]], **kwargs: Any) -> Any:
+    """What ``look`` sees in a new kernel (started with ``start``), the kernel then shut down."""
+    provider = LocalKernelProvider(network=False, start=start, **kwargs)
+    try:
+        kernel = await provider.start_kernel()
+        try:
+            return await look(kernel)
+        finally:
+            await kernel.shutdown()
+    finally:
+        await provider.aclose()
+
+
 async def test_a_forked_kernels_shell_is_a_spawned_kernels() -> None:
     """What the probe sees is the same in a forked kernel (pre-built shell) and a spawned one."""
-    seen = {}
-    for start in ("fork", "spawn"):
-        provider = LocalKernelProvider(network=False, start=start)
-        try:
-            kernel = await provider.start_kernel()
-            try:
-                seen[start] = await probe(kernel)
-            finally:
-                await kernel.shutdown()
-        finally:
-            await provider.aclose()
+    seen = {start: await in_a_kernel(start, probe) for start in ("fork", "spawn")}
     assert seen["fork"].pop("prebuilt") is True
     assert seen["spawn"].pop("prebuilt") is False
     # the connection file is in a spawned kernel's configuration (its command line), and ipykernel
@@ -171,17 +175,7 @@ async def test_a_kernel_configured_otherwise_builds_its_own_shell(tmp_path: Path
     profile.mkdir(parents=True)
     (profile / "ipython_kernel_config.py").write_text("c.InteractiveShell.separate_in = 'configured'\n")
     os.chmod(tmp_path, 0o755)
-    provider = LocalKernelProvider(
-        network=False, start="fork", extra_env={"IPYTHONDIR": str(tmp_path / "ipython")}
-    )
-    try:
-        kernel = await provider.start_kernel()
-        try:
-            seen = await probe(kernel)
-        finally:
-            await kernel.shutdown()
-    finally:
-        await provider.aclose()
+    seen = await in_a_kernel("fork", probe, extra_env={"IPYTHONDIR": str(tmp_path / "ipython")})
     assert seen["prebuilt"] is False
     assert seen["separate_in"] == "configured"
     assert seen["user"] == [] and seen["history"] == ["DummyDB", False]
@@ -203,15 +197,9 @@ print(json.dumps({
 async def test_a_forked_kernel_lists_the_modules_a_spawned_one_does() -> None:
     """ipykernel's list of its modules' files (for its debugger), which the fork server makes
     once: a forked kernel has one as a spawned kernel does, and its ``sys`` is the real one."""
-    seen = {}
-    for start in ("fork", "spawn"):
-        provider = LocalKernelProvider(network=False, start=start)
-        try:
-            kernel = await provider.start_kernel()
-            try:
-                seen[start] = json.loads((await run(kernel, MODULES)).output.stdout)
-            finally:
-                await kernel.shutdown()
-        finally:
-            await provider.aclose()
+
+    async def modules(kernel: KernelConnection) -> Any:
+        return json.loads((await run(kernel, MODULES)).output.stdout)
+
+    seen = {start: await in_a_kernel(start, modules) for start in ("fork", "spawn")}
     assert seen["fork"] == seen["spawn"] == {"sys": True, "listed": [True, True], "many": True, "paths": True}
