@@ -51,8 +51,9 @@ def test_tracker_sees_argument_strings_only(text: str, value: str | None) -> Non
     ("text", "at_value"),
     [
         (BLOCK + "f(a=", True),
-        (BLOCK + "f(", True),
-        (BLOCK + "f(a, ", True),
+        (BLOCK + "f(x=1, a = ", True),
+        (BLOCK + "print(", False),  # a call may follow as well as a string
+        (BLOCK + "f(a, ", False),
         (BLOCK + "f(a", False),
         (BLOCK + 'f(a="x"', False),
         ("f(a=", False),

@@ -13,8 +13,8 @@ here it is a logit bias, applied while the model writes a string literal of its 
   with a letter or digit, or a space and a capitalised word or a number: the model still
   decides where a value ends (the closing quote is never biased), and may write a value that
   is nowhere in the conversation;
-- at a value's opening, a lone quote gets the bias over tokens that open and close a string at
-  once (``""``, ``",``): SmolLM2 writes ``special=""`` for "who has black as their special
+- at a keyword argument's value, a lone quote gets the bias over tokens that open and close a
+  string at once (``""``, ``",``): SmolLM2 writes ``special=""`` for "who has black as their special
   request" otherwise.
 
 Only string literals that are a call's arguments or items of one (after ``=``, ``(``, ``,``,
@@ -68,15 +68,15 @@ class StringTracker:
 
     @property
     def at_value(self) -> bool:
-        """Whether the next token may open a string that would be an argument."""
+        """Whether the next token is a keyword argument's value (just after ``=``), which may
+        open a string. Not after ``(``: ``print(`` goes on with a call as often as a string."""
         return (
             self._in_block
             and not self._done
             and not self._quote
             and not self._comment
             and not self._word
-            and bool(self._last)
-            and self._last in _OPENERS
+            and self._last == "="
         )
 
     def feed(self, text: str) -> None:
