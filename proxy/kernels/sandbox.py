@@ -33,6 +33,7 @@ ipykernel turns into a SIGINT to itself): a signal to bwrap would not reach the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -125,29 +126,12 @@ class Bubblewrap:
             str(SANDBOX_UID),
             "--hostname",
             SANDBOX_USER,
-            "--ro-bind",
-            "/usr",
-            "/usr",
+            *_host_view(),
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
         ]
-        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            target = Path("/") / name
-            if target.is_symlink():
-                args += ["--symlink", str(target.readlink()), str(target)]
-            elif target.is_dir():
-                args += _ro(str(target))
-        bound = [Path("/usr")]
-        for prefix in dict.fromkeys(
-            [sys.base_prefix, sys.prefix, str(Path(sys.executable).resolve().parent)]
-        ):
-            if _within(Path(prefix), bound):
-                continue  # what it holds is there already: one mount less
-            bound.append(Path(prefix))
-            args += _ro(prefix)
-        for path in ETC_FILES:
-            link = _link_into(Path(path), bound)
-            # a link to a file the sandbox sees already (/etc/localtime): the same link, no mount
-            args += ["--symlink", str(link), path] if link is not None else _ro(path)
-        args += ["--proc", "/proc", "--dev", "/dev"]
         args += [
             "--size",
             str(tmpfs_bytes),
@@ -253,6 +237,31 @@ async def link_sockets(
 
 def _ro(path: str) -> list[str]:
     return ["--ro-bind-try", path, path]
+
+
+@functools.cache
+def _host_view() -> tuple[str, ...]:
+    """bwrap's arguments that show the sandbox the host's read-only minimum: ``/usr``, the top
+    directories that are links into it, the Python it runs from, a few ``/etc`` files. Read
+    from the host once (a kernel's start would stat and resolve them all again)."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        target = Path("/") / name
+        if target.is_symlink():
+            args += ["--symlink", str(target.readlink()), str(target)]
+        elif target.is_dir():
+            args += _ro(str(target))
+    bound = [Path("/usr")]
+    for prefix in dict.fromkeys([sys.base_prefix, sys.prefix, str(Path(sys.executable).resolve().parent)]):
+        if _within(Path(prefix), bound):
+            continue  # what it holds is there already: one mount less
+        bound.append(Path(prefix))
+        args += _ro(prefix)
+    for path in ETC_FILES:
+        link = _link_into(Path(path), bound)
+        # a link to a file the sandbox sees already (/etc/localtime): the same link, no mount
+        args += ["--symlink", str(link), path] if link is not None else _ro(path)
+    return tuple(args)
 
 
 def _within(path: Path, bound: list[Path]) -> bool:
