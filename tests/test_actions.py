@@ -366,7 +366,7 @@ def test_kernel_killed_mid_conversation_is_replayed(
         os.kill(connection.pid(), signal.SIGKILL)
         # the kernel itself (a sandboxed one is the killed keeper's child) ends a moment later:
         # the next request must find it gone, not race its end (and get a call out of it)
-        rundir = runtime.pool.provider.root / "run" / connection.kernel_id
+        rundir = runtime.pool.provider.runtime / connection.kernel_id
         assert gone_within(rundir, 10)
 
     final, _ = run_loop_conversation(client, upstream, between=kill_kernel)

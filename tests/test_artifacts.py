@@ -147,7 +147,7 @@ def test_files_come_back_after_the_kernel_is_lost(proxy: UvicornThread, upstream
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: dead(pid))
         # and the kernel itself (a sandboxed one is the killed keeper's child), a moment later
-        assert gone_within(runtime.pool.provider.root / "run" / runtime.live[sid].kernel.kernel_id, 10)
+        assert gone_within(runtime.pool.provider.runtime / runtime.live[sid].kernel.kernel_id, 10)
         messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Its hash?"}]
         read = "```python\nimport hashlib, os\nprint(hashlib.sha256(open('key.bin', 'rb').read()).hexdigest(), os.path.exists('tmp.txt'))\n```"
         upstream.plan(program(read), program("There."))

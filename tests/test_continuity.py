@@ -189,7 +189,7 @@ def test_a_lost_kernel_is_replayed_for_the_next_turn(
         wait_for(lambda: dead(pid))
         # and the kernel itself (a sandboxed one is the killed keeper's child), a moment later
         kernel_id = runtime.live[session_id].kernel.kernel_id
-        assert gone_within(runtime.pool.provider.root / "run" / kernel_id, 10)
+        assert gone_within(runtime.pool.provider.runtime / kernel_id, 10)
         messages += [{"role": "assistant", "content": "Defined."}, {"role": "user", "content": "And 3?"}]
         upstream.plan(program(USE), program("Done."))
         client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=WEATHER)

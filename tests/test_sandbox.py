@@ -119,7 +119,7 @@ def probe(targets: dict[str, Any]) -> str:
         "own_run = os.path.dirname(own)\n"
         "r['own_connection_file'] = own\n"
         "procs = [c.replace(b'\\0', b' ').decode() for c in each_proc('cmdline')]\n"
-        "r['kernels_seen'] = len({m for c in procs for m in re.findall(r'run/([0-9a-f]{32})/kernel.json', c)})\n"
+        "r['kernels_seen'] = len({m for c in procs for m in re.findall(r'/([0-9a-f]{32})/kernel.json', c)})\n"
         "r['others_seen'] = [c[:80] for c in procs if own_run not in c]\n"
         "r['environ_names'] = sorted({v.split(b'=', 1)[0].decode() for e in each_proc('environ') "
         "for v in e.split(b'\\0') if v})\n"
@@ -205,7 +205,8 @@ def run_probe(target: Target, upstream: ScriptedUpstream, store: PersistentRedis
         a_sandbox = [pid for pid in a_processes if pid != a_kernel]  # bwrap and its init, if sandboxed
         connection = json.loads(Path(a["connection_file"]).read_text())
         run_dir = Path(a["connection_file"]).parent
-        provider_root = run_dir.parents[1]
+        provider_runtime = run_dir.parent  # the kernels' runtime files (in memory where it can)
+        provider_root = Path(a["cwd"]).parents[1]  # the provider's own: work/<kernel>
         sockets = [f"{connection['ip']}-{connection['shell_port']}"]
         sockets += [str(p) for p in run_dir.glob("sandbox/ipc-*")]  # where a sandboxed kernel made them
         store_files = [p for p in glob.glob(f"{store.dir}/**", recursive=True) if os.path.isfile(p)]
@@ -218,7 +219,7 @@ def run_probe(target: Target, upstream: ScriptedUpstream, store: PersistentRedis
             },
             "other_connection_file": a["connection_file"],
             "other_sockets": sockets,
-            "run_glob": str(provider_root / "run" / "*" / "kernel.json"),
+            "run_glob": str(provider_runtime / "*" / "kernel.json"),
             "other_workdir": a["cwd"],
             "config_file": str(target.config_file),
             "store_dir": str(store.dir),

@@ -366,6 +366,9 @@ class ForkedKernel(_ChannelKernel):
         await asyncio.to_thread(self._remove_dirs)  # off the event loop: a tree of many files
 
 
+MEMORY_FS = Path("/dev/shm")
+
+
 class LocalKernelProvider(KernelProvider):
     """Starts ipykernel processes; ``root`` holds their runtime files and working directories."""
 
@@ -387,6 +390,17 @@ class LocalKernelProvider(KernelProvider):
         self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        # each kernel's runtime files (connection file, sandbox /etc files, sockets) are made and
+        # removed with it: in memory where there is a memory filesystem and the root is our own
+        # (on a disk filesystem every kernel costs journal and discard work); the working
+        # directories stay on the root's filesystem (a program's files are not memory)
+        self.runtime = self.root / "run"
+        self._own_runtime = False
+        if self._own_root and MEMORY_FS.is_dir() and os.access(MEMORY_FS, os.W_OK | os.X_OK):
+            with contextlib.suppress(OSError):
+                self.runtime = Path(tempfile.mkdtemp(prefix="cablectl-run-", dir=MEMORY_FS))
+                self._own_runtime = True
+        self.runtime.mkdir(exist_ok=True, mode=0o700)
         self.limits = limits or ResourceLimits()
         self.startup_timeout = startup_timeout
         self.extra_env = dict(extra_env or {})
@@ -469,9 +483,7 @@ class LocalKernelProvider(KernelProvider):
         kernel_id = uuid.uuid4().hex
         workdir = self._work / kernel_id
         workdir.mkdir(mode=0o700)
-        runtime = self.root / "run"
-        runtime.mkdir(exist_ok=True, mode=0o700)
-        rundir = runtime / kernel_id  # its connection file and sockets, and nothing else's
+        rundir = self.runtime / kernel_id  # its connection file and sockets, and nothing else's
         rundir.mkdir(mode=0o700)
         inside = None  # sandboxed: where its sockets appear (the proxy connects through links)
         if self.sandbox is not None:
@@ -582,3 +594,5 @@ class LocalKernelProvider(KernelProvider):
             with contextlib.suppress(OSError):
                 os.chmod(self._work, 0o700)  # listable again, so it can be removed
             shutil.rmtree(self.root, ignore_errors=True)
+        if self._own_runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
