@@ -114,7 +114,9 @@ class LiteLLMParams(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     n_contexts: int = Field(default=1, ge=1, le=16)
     # code actions on a local model: added to the logit of the token that copies on a span of
-    # the conversation inside a string argument (proxy.backends.copy_bias); 0 = off
+    # the conversation inside a string argument, of the request's unused numbers and of the
+    # functions it names, taken from a closing fence or an unasked argument's comma
+    # (proxy.backends.copy_bias); 0 = off
     copy_bias: float = Field(default=3.0, ge=0, le=20)
 
     @property

@@ -238,6 +238,11 @@ class Toolset:
                 return tool
         return None
 
+    @property
+    def signatures(self) -> dict[str, tuple[Param, ...]]:
+        """Each tool's parameters by its Python name."""
+        return {tool.py: tool.params for tool in self.tools}
+
 
 class ToolsetCache:
     """Built toolsets (and what callers derive from them) by digest; least recently used go first."""

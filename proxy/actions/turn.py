@@ -224,7 +224,9 @@ class ModelTurn:
                     model=entry.model_name,
                     metadata={"grammar": mode, "attempt": attempt},
                 ) as span:
-                    job = GenerationRequest(prompt, step.request, step.payload, step.grammar)
+                    job = GenerationRequest(
+                        prompt, step.request, step.payload, step.grammar, step.toolset.signatures
+                    )
                     generation = await self.router.generate(job, step.clock)
                     try:
                         async for delta in _timed(_closed(generation, reader), step.clock):

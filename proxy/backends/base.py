@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.schemas import ChatCompletionRequest
+from translators.tools import Param
 
 __all__ = [
     "GRAMMAR_FIELDS",
@@ -121,6 +122,8 @@ class GenerationRequest:
     request: ChatCompletionRequest  # the client's request (sampling settings, limits)
     payload: dict[str, Any]  # the client's JSON (unknown fields pass through to upstreams)
     grammar: Grammar | None = None
+    # the offered tools' Python names, as the prompt shows them, with their parameters' names
+    functions: Mapping[str, tuple[Param, ...]] = field(default_factory=dict)
 
     def chat_body(self) -> dict[str, Any]:
         """The chat-completions body an OpenAI-compatible upstream gets (streamed)."""

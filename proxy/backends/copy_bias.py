@@ -1,4 +1,4 @@
-"""Copy bias: inside a string argument, favour text that continues a span of the conversation.
+"""Copy bias: favour what the request says (its words, numbers and functions) in a code action.
 
 A small model asked for ``get_weather(location="...")`` about "Tel Aviv" may well write
 "Taliban": its next-token guess after ``location="`` is poor, while the value it needs is right
@@ -10,12 +10,28 @@ here it is a logit bias, applied while the model writes a string literal of its 
   starts "Hyderabad" with "H" rather than its usual "Hy" has lost the word already);
 - after that, wherever the value so far occurs in the conversation (from a word's start), the
   token that carries on the conversation's text there gets the bias, while the text goes on
-  with a letter or digit, or a space and a capitalised word or a number: the model still
+  with a letter or digit, or a space and a capitalised word or a number (and once over a comma
+  and a capitalised word: "Riga, Latvia", not on into "Riga, Latvia, Can"): the model still
   decides where a value ends (the closing quote is never biased), and may write a value that
   is nowhere in the conversation;
 - at a keyword argument's value, a lone quote gets the bias over tokens that open and close a
   string at once (``""``, ``",``): SmolLM2 writes ``special=""`` for "who has black as their special
   request" otherwise.
+
+The same idea picks functions. Offered ``area_rectangle`` and ``area_circle`` and asked for "the area
+of a rectangle ... Also, the area of a circle", SmolLM2 calls ``area_rectangle`` twice: its urge to
+repeat the line it just wrote beats the request. A function the request *names* (a word of its
+name that no other offered function's name has, "circle", is in the request) and that the
+program has not called yet, nor answered with another call (whose name or parameters have that
+word), is favoured where a call's function is written (``print(`` and the name so far), and
+the block's closing fence loses the bias while the program has made fewer calls than the
+request names functions.
+
+Numbers and arguments, likewise: a keyword argument's number favours the request's numbers the
+program has not written yet ("the GCD of 96 and 128 and the LCM of 15 and 25" gets
+``gcd(num1=15, num2=25)`` otherwise); once a call's required arguments are given, a comma that
+would begin another loses the bias when no argument left is one the request asks about (a
+weather call otherwise gets ``unit="celsius"`` it was not asked for, over its default).
 
 Only string literals that are a call's arguments or items of one (after ``=``, ``(``, ``,``,
 ``[``, ``{`` or ``:``) are biased, only inside the python block: never triple-quoted strings,
@@ -25,140 +41,53 @@ comments, or a plain-text answer. Greedy decoding stays deterministic.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Iterable
+import collections
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CopyBias", "StringTracker"]
+from proxy.backends.program_tracker import ProgramTracker
+from translators.tools import Param
+
+__all__ = ["CopyBias"]
 
 MAX_SOURCE = 32_000  # characters of the conversation's end looked at
 MAX_WORDS = 4_000  # word starts looked at (the last ones)
 MAX_PLACES = 32  # places a partial value is continued from
 SNIPPET = 24  # characters tokenized to find the next token of the source
-FENCE = "```python"
-_OPENERS = "=(,[{:"
-_PREFIXES = set("rRbBfFuU")
-
-
-class StringTracker:
-    """Fed the model's output as it comes; ``value`` is the text so far of the string literal
-    it is inside, when that literal is an argument in the python block (escapes as written)."""
-
-    def __init__(self) -> None:
-        self._head = ""  # output before the block's fence
-        self._in_block = False
-        self._done = False  # the block was closed
-        self._quote = ""  # the open literal's quote ('"', "'", '\"\"\"' or "'''"), "" outside one
-        self._run = 0  # quote characters in a row inside a triple-quoted literal
-        self._escape = False
-        self._comment = False
-        self._arg = False
-        self._value: list[str] = []
-        self._last = ""  # the last character outside literals that is not a space
-        self._word = ""  # the name being written (a string prefix: f, r, b, u and pairs)
-        self._before_word = ""
-        self._ticks = 0
-        self._empty = ""  # the quote of an empty literal just closed: a third one opens '\"\"\"'
-
-    @property
-    def value(self) -> str | None:
-        if self._done or len(self._quote) != 1 or not self._arg:
-            return None
-        return "".join(self._value)
-
-    @property
-    def at_value(self) -> bool:
-        """Whether the next token is a keyword argument's value (just after ``=``), which may
-        open a string. Not after ``(``: ``print(`` goes on with a call as often as a string."""
-        return (
-            self._in_block
-            and not self._done
-            and not self._quote
-            and not self._comment
-            and not self._word
-            and self._last == "="
-        )
-
-    def feed(self, text: str) -> None:
-        for c in text:
-            if self._done:
-                return
-            if not self._in_block:
-                self._head = (self._head + c)[-len(FENCE) :]
-                self._in_block = self._head == FENCE
-            elif self._quote:
-                self._literal(c)
-            elif self._comment:
-                self._comment = c != "\n"
-            else:
-                self._code(c)
-
-    def _code(self, c: str) -> None:
-        empty, self._empty = self._empty, ""
-        if c in "\"'":
-            if empty == c:  # '' followed by ': a triple-quoted literal
-                self._open(c * 3, arg=False)
-                return
-            opener = self._last
-            if self._word and len(self._word) <= 2 and set(self._word) <= _PREFIXES:
-                opener = self._before_word
-            self._open(c, arg=bool(opener) and opener in _OPENERS)
-            return
-        if c == "#":
-            self._comment = True
-            return
-        self._ticks = self._ticks + 1 if c == "`" else 0
-        if self._ticks == 3:
-            self._done = True
-        if c.isalnum() or c == "_":
-            if not self._word:
-                self._before_word = self._last
-            self._word += c
-        else:
-            self._word = ""
-        if not c.isspace():
-            self._last = c
-
-    def _open(self, quote: str, arg: bool) -> None:
-        self._quote, self._arg, self._value, self._run, self._word = quote, arg, [], 0, ""
-
-    def _close(self) -> None:
-        self._empty = self._quote if len(self._quote) == 1 and not self._value else ""
-        self._last, self._quote = self._quote[0], ""
-
-    def _literal(self, c: str) -> None:
-        if self._escape:
-            self._escape = False
-        elif c == "\\":
-            self._escape = True
-        elif len(self._quote) == 1:
-            if c == self._quote:
-                self._close()
-                return
-            if c == "\n":  # an unterminated literal ends with its line
-                self._quote = ""
-                return
-        else:
-            self._run = self._run + 1 if c == self._quote[0] else 0
-            if self._run == 3:
-                self._close()
-                return
-        self._value.append(c)
 
 
 class CopyBias:
     """One generation's copy bias: ``accept`` every sampled token's bytes; ``apply`` adds the
     bias to the next token's logits in place. ``tokenize`` is the model's tokenizer (no BOS)."""
 
-    def __init__(self, source: str, bias: float, tokenize: Callable[[str], list[int]]) -> None:
+    def __init__(
+        self,
+        source: str,
+        bias: float,
+        tokenize: Callable[[str], list[int]],
+        functions: Mapping[str, Sequence[Param]] | None = None,
+    ) -> None:
         self.source = source[-MAX_SOURCE:]
+        functions = functions or {}
+        self.functions = frozenset(functions)
+        self.asked = _asked(self.source, functions)
+        # what a call of each function answers: the words of its name and its parameters'
+        self._covers = {f: _words(" ".join([f, *(p.py for p in ps)])) for f, ps in functions.items()}
+        self._params = functions
+        self._said = _words(self.source)
+        self._comma_tokens: tuple[list[int], list[int]] | None = None
+        # as a program writes them, in the request's order
+        self._numbers = [n.replace(",", "") for n in _NUMBER.findall(self.source)]
         self.bias = float(bias)
         self._tokenize = tokenize
         self._firsts: dict[str, int | None] = {}
         self._starts: set[int] | None = None
         self._quote_tokens: list[int] | None = None
+        self._fence_tokens: list[int] | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        self._tracker = StringTracker()
+        self._tracker = ProgramTracker()
         self.boosted = 0  # steps at which some token was boosted
 
     def accept(self, piece: bytes) -> None:
@@ -167,11 +96,17 @@ class CopyBias:
     def apply(self, logits: np.ndarray) -> None:
         if not self.source or self.bias == 0.0:
             return
+        self._unasked_arguments(logits)
         partial = self._tracker.value
         if partial is None:
             if self._tracker.at_value:  # the quote alone, over tokens that open and close at
                 logits[self._quotes()] += self.bias  # once ('""', '",'): a value comes next
                 self.boosted += 1
+                self._unused_numbers(logits, "")
+            elif self._tracker.number is not None:
+                self._unused_numbers(logits, self._tracker.number)
+            elif self.asked:
+                self._calls(logits)
             return
         tokens = self.next_tokens(partial)
         if tokens:
@@ -198,8 +133,92 @@ class CopyBias:
                 rest = source[at + len(partial) : at + len(partial) + SNIPPET]
                 if rest[:1].isalnum() or (rest[:1] == " " and (rest[1:2].isupper() or rest[1:2].isdigit())):
                     rests.append(rest)
+                elif rest[:2] == ", " and rest[2:3].isupper() and "," not in partial:
+                    rests.append(rest)  # "Riga, Latvia", once: not on into "Riga, Latvia, Can"
             at = source.find(partial, at + 1)
         return self._first_tokens(rests)
+
+    def _calls(self, logits: np.ndarray) -> None:
+        """Functions the request names (``asked``) that the program has not called, nor
+        answered with another call (its name and parameters have the word that named them):
+        where a call's function is being written and the name so far fits both those and
+        others, their next tokens are favoured (4 times the bias: a small model's urge to
+        repeat its last line is strong); at a new line after fewer calls than the request names
+        functions, the closing fence loses the bias."""
+        tracker = self._tracker
+        called = [f for f in tracker.called if f in self.functions]
+        covered = set().union(*(self._covers[f] for f in called))
+        left = {f for f, words in self.asked.items() if f not in called and words - covered}
+        if not left:
+            return
+        name = tracker.name
+        if name is not None and tracker.opener not in self.functions:
+            fits = [f for f in self.functions if f.startswith(name) and f != name]
+            favoured = [f[len(name) :] for f in fits if f in left]
+            if favoured and len(favoured) < len(fits):
+                logits[sorted(self._first_tokens(favoured))] += 4 * self.bias
+                self.boosted += 1
+        elif tracker.at_line_start and 0 < len(called) < len(self.asked):
+            logits[self._fences()] -= self.bias
+            self.boosted += 1
+
+    def _unused_numbers(self, logits: np.ndarray, partial: str) -> None:
+        """A keyword argument's number: the request's numbers that the program has not written
+        yet (as many times as the request has them) and that go on from ``partial`` get the
+        bias on their next token; a number it has used is the model's own choice again."""
+        if not self._numbers:
+            return
+        left = collections.Counter(_as_number(n) for n in self._numbers)
+        left.subtract(_as_number(n) for n in self._tracker.numbers)
+        rests = [
+            n[len(partial) :] for n in self._numbers if left[_as_number(n)] > 0 and n.startswith(partial)
+        ]
+        tokens = self._first_tokens(r for r in rests if r)
+        if tokens:
+            logits[sorted(tokens)] += self.bias
+            self.boosted += 1
+
+    def _unasked_arguments(self, logits: np.ndarray) -> None:
+        """In a call of an offered function whose required arguments are all given, a comma
+        that would begin another loses the bias when no argument left is one the request asks
+        about (a word of its name, or of one of its choices, is in the request): SmolLM2 adds
+        ``unit="celsius"`` to a weather call otherwise, where the default is what was meant."""
+        call = self._tracker.call
+        if call is None or call[0] not in self._params:
+            return
+        name, given = call
+        params = self._params[name]
+        if any(p.required and p.py not in given for p in params):
+            return
+        left = [p for p in params if p.py not in given]
+        if not left or any(self._asks_for(p) for p in left):
+            return
+        in_literal, in_code = self._commas()
+        if self._tracker.value is not None:  # a string argument: its closing quote and a comma
+            logits[in_literal] -= self.bias
+        elif self._tracker.after_value:
+            logits[in_code] -= self.bias
+        else:
+            return
+        self.boosted += 1
+
+    def _asks_for(self, param: Param) -> bool:
+        choices = param.schema.get("enum") if isinstance(param.schema, dict) else None
+        words = _words(param.py) | _words(" ".join(str(c) for c in choices or ()))
+        return bool(words & self._said)
+
+    def _commas(self) -> tuple[list[int], list[int]]:
+        """Tokens that close a string and add a comma; tokens that begin with a comma."""
+        if self._comma_tokens is None:
+            single = [t for t in map(self._tokenize, ('",', '", ', "',", "', ")) if len(t) == 1]
+            starts = {t[0] for t in map(self._tokenize, (",", ", ")) if t}
+            self._comma_tokens = (sorted({t[0] for t in single}), sorted(starts))
+        return self._comma_tokens
+
+    def _fences(self) -> list[int]:
+        if self._fence_tokens is None:
+            self._fence_tokens = sorted({t[0] for t in map(self._tokenize, ("```", "``", "`")) if t})
+        return self._fence_tokens
 
     def _quotes(self) -> list[int]:
         if self._quote_tokens is None:
@@ -225,3 +244,43 @@ def _word_starts(source: str) -> list[int]:
     return [i for i, c in enumerate(source) if c.isalnum() and (i == 0 or not source[i - 1].isalnum())][
         -MAX_WORDS:
     ]
+
+
+# a number as a request writes it: "200,000" is one (a program writes 200000), "$1M" is none of
+# the program's (a magnitude follows), "3m" and "4C" are 3 and 4 (units)
+_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d.,]\d|[KMBk]\b)")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # a lone "-"
+        return None
+
+
+def _words(text: str) -> set[str]:
+    """The words of a name or a text, lowercased, of three letters or more, a plural's final
+    s dropped: ``area_circle``, ``areaCircle`` and "areas of circles" share area and circle."""
+    out = set()
+    for word in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", text):
+        if len(word) >= 3:
+            word = word.lower()
+            out.add(word[:-1] if len(word) > 4 and word.endswith("s") else word)
+    return out
+
+
+def _asked(source: str, functions: Mapping[str, Sequence[Param]]) -> dict[str, set[str]]:
+    """The functions the request names, with the words that name them: words of the function's
+    name that no other offered function's name has ("circle" of area_circle beside
+    area_rectangle) and that the request says. None when only one is offered."""
+    if len(functions) < 2:
+        return {}
+    said = _words(source)
+    names = {f: _words(f) for f in functions}
+    asked = {}
+    for f, words in names.items():
+        others = set().union(*(w for g, w in names.items() if g != f))
+        naming = (words - others) & said
+        if naming:
+            asked[f] = naming
+    return asked

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from proxy.config import ModelEntry
 from proxy.errors import ConfigError, InvalidRequest, ServiceUnavailable
 from proxy.schemas import ChatCompletionRequest, Message
 from translators.prompt import content_text
+from translators.tools import Param
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -237,16 +238,17 @@ class LocalBackend(ModelBackend):
 
             kwargs["grammar"] = LlamaGrammar.from_string(job.grammar.text, verbose=False)
             if self.entry.litellm_params.copy_bias:
-                kwargs["logits_processor"] = self._copy_bias(request.messages)
+                kwargs["logits_processor"] = self._copy_bias(request.messages, job.functions)
         llama = await self._acquire()
         generation = _LocalGeneration(_Sampler(self, llama, kwargs))
         generation.grammar_enforced = "grammar" in kwargs
         generation.server = "llama-cpp-python (in-process)"
         return generation
 
-    def _copy_bias(self, messages: list[Message]) -> Any:
+    def _copy_bias(self, messages: list[Message], functions: Mapping[str, tuple[Param, ...]]) -> Any:
         """The copy bias of one generation: its source is what the client sent (every message
-        but the assistant's own), one message a paragraph."""
+        but the assistant's own), one message a paragraph; ``functions``: the offered tools'
+        Python names and their parameters' (the request's words tell them apart)."""
         from llama_cpp import LogitsProcessorList
 
         from proxy.backends.copy_bias import CopyBias
@@ -257,6 +259,7 @@ class LocalBackend(ModelBackend):
             source,
             self.entry.litellm_params.copy_bias,
             lambda text: llama.tokenize(text.encode(), add_bos=False, special=False),
+            functions,
         )
         # carried to ConstrainedLlama's sampler, which applies it (it is not a chain processor)
         return LogitsProcessorList([bias])  # type: ignore[list-item]
