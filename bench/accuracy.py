@@ -15,7 +15,7 @@ registry (which imports every vendor SDK) is replaced by a one-entry table for t
 used here, nothing else of the checker. Prints accuracy per category, prompt+completion
 tokens per case and seconds per case for both, and the differences. Asserts nothing.
 
-    .venv/bin/python bench/accuracy.py [--cases 10] [--categories simple_python,multiple] [--config cfg.yaml --route NAME]
+    .venv/bin/python bench/accuracy.py [--cases 10] [--start 12] [--categories simple_python,multiple] [--config cfg.yaml --route NAME]
 
 With ``--distractors N --affordance K``, every case also gets the functions of the next cases
 of its category (N more, deterministic), and code actions run twice: every stub in the prompt
@@ -60,7 +60,7 @@ def _checker() -> Any:
     )
 
 
-def _cases(category: str, n: int) -> list[tuple[dict[str, Any], list[Any]]]:
+def _cases(category: str, n: int, start: int = 0) -> list[tuple[dict[str, Any], list[Any]]]:
     import importlib.resources
 
     root = importlib.resources.files("bfcl_eval") / "data"
@@ -70,7 +70,7 @@ def _cases(category: str, n: int) -> list[tuple[dict[str, Any], list[Any]]]:
 
     answers = {a["id"]: a["ground_truth"] for a in rows(f"possible_answer/BFCL_v4_{category}.json")}
     questions = [q for q in rows(f"BFCL_v4_{category}.json") if q["id"] in answers]
-    return [(q, answers[q["id"]]) for q in questions[:n]], questions
+    return [(q, answers[q["id"]]) for q in questions[start : start + n]], questions
 
 
 def _with_distractors(
@@ -212,6 +212,9 @@ def main() -> int:
     )
     parser.add_argument("--cases", type=int, default=12, help="cases per category (the first N)")
     parser.add_argument(
+        "--start", type=int, default=0, help="skip the first K cases of each category (a held-out set)"
+    )
+    parser.add_argument(
         "--n-ctx",
         type=int,
         default=4096,
@@ -258,9 +261,9 @@ def main() -> int:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600)
         aff = openai.OpenAI(base_url=relevant.url + "/v1", api_key="bench", max_retries=0, timeout=600)
         for category in args.categories.split(","):
-            chosen, questions = _cases(category, args.cases)
+            chosen, questions = _cases(category, args.cases, args.start)
             for i, (plain, answer) in enumerate(chosen):
-                entry = _with_distractors(plain, questions, i, args.distractors)
+                entry = _with_distractors(plain, questions, args.start + i, args.distractors)
                 row = rows.setdefault(category, {k: [] for k in keys})
                 runs: list[tuple[str, Any]] = [("ca", lambda e: through_proxy(client, args.route, e))]
                 if args.affordance:
@@ -294,7 +297,7 @@ def main() -> int:
                     flush=True,
                 )
     print(
-        f"BFCL accuracy, route {args.route!r}, first {args.cases} cases per category, temperature 0, bfcl-eval AST checker"
+        f"BFCL accuracy, route {args.route!r}, cases {args.start + 1}-{args.start + args.cases} of each category, temperature 0, bfcl-eval AST checker"
     )
     if args.distractors:
         print(f"each case with {args.distractors} distractor functions of other cases")
