@@ -122,7 +122,7 @@ class GenerationRequest:
     request: ChatCompletionRequest  # the client's request (sampling settings, limits)
     payload: dict[str, Any]  # the client's JSON (unknown fields pass through to upstreams)
     grammar: Grammar | None = None
-    # the offered tools' Python names, as the prompt shows them, with their parameters' names
+    # the offered tools' parameters by the tools' Python names, as the prompt shows them
     functions: Mapping[str, tuple[Param, ...]] = field(default_factory=dict)
 
     def chat_body(self) -> dict[str, Any]:

@@ -70,16 +70,19 @@ class CopyBias:
         functions: Mapping[str, Sequence[Param]] | None = None,
     ) -> None:
         self.source = source[-MAX_SOURCE:]
-        functions = functions or {}
-        self.functions = frozenset(functions)
-        self.asked = _asked(self.source, functions)
+        self._params = functions or {}
+        said = _words(self.source)
+        self.asked = _asked(said, self._params)
         # what a call of each function answers: the words of its name and its parameters'
-        self._covers = {f: _words(" ".join([f, *(p.py for p in ps)])) for f, ps in functions.items()}
-        self._params = functions
-        self._said = _words(self.source)
+        self._covers = {f: _words(" ".join([f, *(p.py for p in ps)])) for f, ps in self._params.items()}
+        # each function's parameters the request asks about (a word of the name or of a choice)
+        self._asked_params = {
+            f: {p.py for p in ps if _param_words(p) & said} for f, ps in self._params.items()
+        }
         self._comma_tokens: tuple[list[int], list[int]] | None = None
-        # as a program writes them, in the request's order
+        # as a program writes them, in the request's order, and how often each value occurs
         self._numbers = [n.replace(",", "") for n in _NUMBER.findall(self.source)]
+        self._number_counts = collections.Counter(_as_number(n) for n in self._numbers)
         self.bias = float(bias)
         self._tokenize = tokenize
         self._firsts: dict[str, int | None] = {}
@@ -146,14 +149,14 @@ class CopyBias:
         repeat its last line is strong); at a new line after fewer calls than the request names
         functions, the closing fence loses the bias."""
         tracker = self._tracker
-        called = [f for f in tracker.called if f in self.functions]
+        called = [f for f in tracker.called if f in self._params]
         covered = set().union(*(self._covers[f] for f in called))
         left = {f for f, words in self.asked.items() if f not in called and words - covered}
         if not left:
             return
         name = tracker.name
-        if name is not None and tracker.opener not in self.functions:
-            fits = [f for f in self.functions if f.startswith(name) and f != name]
+        if name is not None and tracker.opener not in self._params:
+            fits = [f for f in self._params if f.startswith(name) and f != name]
             favoured = [f[len(name) :] for f in fits if f in left]
             if favoured and len(favoured) < len(fits):
                 logits[sorted(self._first_tokens(favoured))] += 4 * self.bias
@@ -168,7 +171,7 @@ class CopyBias:
         bias on their next token; a number it has used is the model's own choice again."""
         if not self._numbers:
             return
-        left = collections.Counter(_as_number(n) for n in self._numbers)
+        left = self._number_counts.copy()
         left.subtract(_as_number(n) for n in self._tracker.numbers)
         rests = [
             n[len(partial) :] for n in self._numbers if left[_as_number(n)] > 0 and n.startswith(partial)
@@ -191,7 +194,7 @@ class CopyBias:
         if any(p.required and p.py not in given for p in params):
             return
         left = [p for p in params if p.py not in given]
-        if not left or any(self._asks_for(p) for p in left):
+        if not left or any(p.py in self._asked_params[name] for p in left):
             return
         in_literal, in_code = self._commas()
         if self._tracker.value is not None:  # a string argument: its closing quote and a comma
@@ -201,11 +204,6 @@ class CopyBias:
         else:
             return
         self.boosted += 1
-
-    def _asks_for(self, param: Param) -> bool:
-        choices = param.schema.get("enum") if isinstance(param.schema, dict) else None
-        words = _words(param.py) | _words(" ".join(str(c) for c in choices or ()))
-        return bool(words & self._said)
 
     def _commas(self) -> tuple[list[int], list[int]]:
         """Tokens that close a string and add a comma; tokens that begin with a comma."""
@@ -269,13 +267,18 @@ def _words(text: str) -> set[str]:
     return out
 
 
-def _asked(source: str, functions: Mapping[str, Sequence[Param]]) -> dict[str, set[str]]:
+def _param_words(param: Param) -> set[str]:
+    """The words of a parameter's name and of its choices (an enum's values)."""
+    choices = param.schema.get("enum") if isinstance(param.schema, dict) else None
+    return _words(param.py) | _words(" ".join(str(c) for c in choices or ()))
+
+
+def _asked(said: set[str], functions: Mapping[str, Sequence[Param]]) -> dict[str, set[str]]:
     """The functions the request names, with the words that name them: words of the function's
     name that no other offered function's name has ("circle" of area_circle beside
-    area_rectangle) and that the request says. None when only one is offered."""
+    area_rectangle) and that the request says (``said``). None when only one is offered."""
     if len(functions) < 2:
         return {}
-    said = _words(source)
     names = {f: _words(f) for f in functions}
     asked = {}
     for f, words in names.items():

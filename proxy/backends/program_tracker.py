@@ -44,6 +44,11 @@ class ProgramTracker:
         self._open_brackets: list[tuple[str, list[str]]] = []
 
     @property
+    def _in_code(self) -> bool:
+        """Inside the open python block, outside literals and comments."""
+        return self._in_block and not self._done and not self._quote and not self._comment
+
+    @property
     def value(self) -> str | None:
         if self._done or len(self._quote) != 1 or not self._arg:
             return None
@@ -53,21 +58,14 @@ class ProgramTracker:
     def at_value(self) -> bool:
         """Whether the next token is a keyword argument's value (just after ``=``), which may
         open a string. Not after ``(``: ``print(`` goes on with a call as often as a string."""
-        return (
-            self._in_block
-            and not self._done
-            and not self._quote
-            and not self._comment
-            and not self._word
-            and self._last == "="
-        )
+        return self._in_code and not self._word and self._last == "="
 
     @property
     def name(self) -> str | None:
         """The name being written where a call's function goes: inside ``print(`` or any
         parentheses that are not a function's own argument list (the caller says which names
         are functions), as far as written ("" just after the parenthesis); None elsewhere."""
-        if not self._in_block or self._done or self._quote or self._comment:
+        if not self._in_code:
             return None
         if self._word:
             return self._word if self._before_word == "(" and not self._word[0].isdigit() else None
@@ -76,8 +74,7 @@ class ProgramTracker:
     @property
     def after_value(self) -> bool:
         """Whether the block's code so far ends with a value or a name (a comma may follow)."""
-        in_code = self._in_block and not self._done and not self._quote and not self._comment
-        return in_code and bool(self._last) and self._last not in "(,=[{:"
+        return self._in_code and bool(self._last) and self._last not in "(,=[{:"
 
     @property
     def call(self) -> tuple[str, list[str]] | None:
@@ -99,9 +96,7 @@ class ProgramTracker:
     @property
     def at_line_start(self) -> bool:
         """Whether the next token begins a line of the block (a statement, or its closing fence)."""
-        return (
-            self._in_block and not self._done and not self._quote and not self._comment and self._line_start
-        )
+        return self._in_code and self._line_start
 
     def feed(self, text: str) -> None:
         for c in text:
