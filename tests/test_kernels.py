@@ -252,6 +252,30 @@ async def test_huge_output_is_capped(sandbox: Bubblewrap | None) -> None:
         await pool.release(kernel)
 
 
+SLOW_INTERRUPTS = """
+import time
+_kernel = get_ipython().kernel
+_signal_itself = _kernel._send_interrupt_children
+def _late():  # on the control thread, as ipykernel handles an interrupt_request
+    time.sleep(1.0)
+    _signal_itself()
+_kernel._send_interrupt_children = _late
+"""
+
+
+async def test_late_interrupt_does_not_reach_the_next_cell(sandbox: Bubblewrap | None) -> None:
+    """A cell that ended by itself as its limit tripped: the interrupt, sent by message, lands
+    in the kernel a second later; the next cell must not get it (it once lost its reply)."""
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        assert (await run_to_end(kernel, SLOW_INTERRUPTS)).output.error is None
+        burst = await run_to_end(kernel, "print('x' * 300_000)")  # past 10x the limit, then done
+        assert burst.output.error is not None and burst.output.error.ename == "OutputLimitExceeded"
+        after = await run_to_end(kernel, "import time\ntime.sleep(1.5)\nprint(1)")
+        assert after.output.error is None and after.output.stdout == "1\n"
+        await pool.release(kernel)
+
+
 async def test_cell_that_kills_its_kernel(sandbox: Bubblewrap | None) -> None:
     async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")

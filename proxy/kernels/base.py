@@ -111,7 +111,10 @@ class KernelConnection(abc.ABC):
         """Answer an input request."""
 
     @abc.abstractmethod
-    async def interrupt(self) -> None: ...
+    async def interrupt(self) -> str | None:
+        """Interrupt the running cell. By message: the ``interrupt_request``'s msg_id, whose
+        ``interrupt_reply`` (on the control channel) says the kernel has signalled itself;
+        None when the signal was sent from here (it is pending in the kernel already)."""
 
     @abc.abstractmethod
     async def is_alive(self) -> bool: ...

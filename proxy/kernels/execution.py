@@ -10,6 +10,13 @@ waiting for a tool result; past it the cell is interrupted, and if the kernel do
 not stop within ``grace`` seconds it is declared dead (the pool replaces it).
 Output beyond ``max_output_chars`` is dropped and marked truncated; a cell that
 keeps printing past ``10x`` that is interrupted too.
+
+An interrupt sent by message is over only when the kernel has answered it: ipykernel
+signals itself from its control thread, and a signal sent late (after this cell had ended
+by itself) would land in the next cell's request, outside the program, where ipykernel
+drops that request's reply, and the next cell would wait for it until its own limit. An
+interrupt that lands outside the program of its own cell leaves no reply either: the cell
+is over when the kernel is idle again.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class CellRun:
         self._produced = 0  # output chars seen, kept or not
         self._interrupted: str | None = None
         self._interrupted_at = 0.0
+        self._interrupt_id: str | None = None  # an interrupt request not answered yet
         self.dead = False
 
     @property
@@ -139,10 +147,8 @@ class CellRun:
         started = time.perf_counter()
         try:
             while True:
-                if self._replied and self._idle:
-                    self._used += time.perf_counter() - started
-                    started = time.perf_counter()
-                    return Finished(self._finish())
+                if self._replied and self._idle and self._interrupt_id is None:
+                    break
                 elapsed = self._used + (time.perf_counter() - started)
                 if self._interrupted is None:
                     if elapsed > self.limits.timeout:
@@ -151,10 +157,18 @@ class CellRun:
                         limit = 10 * self.limits.max_output_chars
                         await self._interrupt(f"the cell printed more than {limit} characters", elapsed)
                 elif elapsed > self._interrupted_at + self.limits.grace:
+                    if self._idle and self._interrupt_id is None:
+                        # the interrupt landed outside the program, where ipykernel drops
+                        # the request's reply; the kernel is idle and well
+                        break
                     self.dead = True
                     seen = ", ".join(
                         f"{what} {'seen' if flag else 'not seen'}"
-                        for what, flag in (("reply", self._replied), ("idle", self._idle))
+                        for what, flag in (
+                            ("reply", self._replied),
+                            ("idle", self._idle),
+                            ("interrupt reply", self._interrupt_id is None),
+                        )
                     )
                     raise KernelDied(
                         f"{self._interrupted}, and the kernel did not stop when interrupted ({seen})"
@@ -165,9 +179,13 @@ class CellRun:
                         self.dead = True
                         raise KernelDied("the kernel died while running the cell")
                     continue
-                if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
-                    continue  # a message of an earlier cell
+                parent_id = msg.get("parent_header", {}).get("msg_id")
                 channel = msg.get("channel")
+                if channel == "control" and parent_id is not None and parent_id == self._interrupt_id:
+                    self._interrupt_id = None  # the kernel has signalled itself
+                    continue
+                if parent_id != self.msg_id:
+                    continue  # a message of an earlier cell
                 if channel == "iopub":
                     self._on_iopub(msg)
                 elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
@@ -184,11 +202,12 @@ class CellRun:
                         await self.kernel.input_reply("", parent)
         finally:
             self._used += time.perf_counter() - started
+        return Finished(self._finish())
 
     async def _interrupt(self, why: str, at: float) -> None:
         self._interrupted = why
         self._interrupted_at = at
-        await self.kernel.interrupt()
+        self._interrupt_id = await self.kernel.interrupt()
 
     def _finish(self) -> CellOutput:
         self.output.duration_ms = self._used * 1000

@@ -2,8 +2,8 @@
 
 ``POST /api/kernels`` starts a kernel, ``/api/kernels/{id}/channels`` is a websocket
 carrying every channel's messages as JSON (``{"channel": "shell"|"iopub"|"stdin", ...}``),
-``POST .../interrupt`` interrupts and ``DELETE`` stops it. The stdin channel travels the
-same websocket, so the back-channel for tool calls works unchanged.
+an ``interrupt_request`` on its control channel interrupts and ``DELETE`` stops it. The
+stdin channel travels the same websocket, so the back-channel for tool calls works unchanged.
 
 Where kernels run (Kubernetes pods, YARN, Docker Swarm) and what environment they get is
 the gateway's configuration: the proxy sends only ``KERNEL_*`` variables it is told to,
@@ -91,8 +91,12 @@ class GatewayKernel(KernelConnection):
     async def input_reply(self, value: str, parent: Message) -> None:
         await self._ws.send_json(self._message("stdin", "input_reply", {"value": value}, parent))
 
-    async def interrupt(self) -> None:
-        await self.provider._post(f"/api/kernels/{self.kernel_id}/interrupt")
+    async def interrupt(self) -> str | None:
+        # on the control channel, not ``POST .../interrupt``: its reply says when the kernel
+        # has signalled itself (the REST call does not wait for a kernel interrupted by message)
+        msg = self._message("control", "interrupt_request", {})
+        await self._ws.send_json(msg)
+        return str(msg["header"]["msg_id"])
 
     async def is_alive(self) -> bool:
         if self._ws.closed or self._reader.done():

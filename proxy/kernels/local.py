@@ -194,6 +194,7 @@ class _ChannelKernel(KernelConnection):
             ("iopub", self.client.iopub_channel.socket),
             ("shell", self.client.shell_channel.socket),
             ("stdin", self.client.stdin_channel.socket),
+            ("control", self.client.control_channel.socket),  # interrupt replies
         ):
             self._pumps.append(asyncio.create_task(self._pump(channel, socket)))
 
@@ -266,6 +267,12 @@ class _ChannelKernel(KernelConnection):
             msg["channel"] = channel
             self.inbox.put_nowait(msg)
 
+    async def _interrupt_by_message(self) -> str:
+        """ipykernel signals itself from its control thread, and answers when it has."""
+        msg = self.client.session.msg("interrupt_request", {})
+        self.client.control_channel.send(msg)
+        return str(msg["header"]["msg_id"])
+
     async def execute(
         self, code: str, *, allow_stdin: bool = True, user_expressions: dict[str, str] | None = None
     ) -> str:
@@ -312,8 +319,11 @@ class LocalKernel(_ChannelKernel):
         super().__init__(client, manager.kernel_id or uuid.uuid4().hex, workdir, rundir)
         self.manager = manager
 
-    async def interrupt(self) -> None:
+    async def interrupt(self) -> str | None:
+        if self.manager.kernel_spec is not None and self.manager.kernel_spec.interrupt_mode == "message":
+            return await self._interrupt_by_message()  # sandboxed: a signal would reach bwrap
         await self.manager.interrupt_kernel()
+        return None
 
     async def is_alive(self) -> bool:
         return bool(await self.manager.is_alive())
@@ -348,10 +358,8 @@ class ForkedKernel(_ChannelKernel):
         self.server = server
         self._pid = pid
 
-    async def interrupt(self) -> None:
-        # by message, as for a sandboxed spawned kernel: ipykernel interrupts itself
-        msg = self.client.session.msg("interrupt_request", {})
-        self.client.control_channel.send(msg)
+    async def interrupt(self) -> str | None:
+        return await self._interrupt_by_message()  # as for a sandboxed spawned kernel
 
     async def is_alive(self) -> bool:
         return self.server.alive(self.kernel_id)
