@@ -230,6 +230,9 @@ def main() -> int:
         "--no-baseline", action="store_true", help="code actions only (while iterating on the prompt)"
     )
     parser.add_argument(
+        "--show", action="store_true", help="print each case's question, calls and possible answer"
+    )
+    parser.add_argument(
         "--baseline-as-is",
         action="store_true",
         help="no default system message for the JSON baseline (its tools then stay out of the prompt)",
@@ -288,6 +291,11 @@ def main() -> int:
                     except Exception:  # the checker's own failure on an odd output: counted as wrong
                         valid = False
                     row[key].append(1.0 if valid else 0.0)
+                    if args.show:
+                        print(f"  {key} {'ok' if valid else 'x'}: {json.dumps(output)}", file=sys.stderr)
+                if args.show:
+                    print(f"  Q: {json.dumps(_messages(entry)[-1]['content'])[:300]}", file=sys.stderr)
+                    print(f"  A: {json.dumps(answer)[:300]}", file=sys.stderr)
                 print(
                     f"{category} {i + 1}/{len(chosen)}: "
                     + " ".join(

@@ -299,6 +299,42 @@ def test_a_value_copies_on_over_one_comma() -> None:
     assert bias.next_tokens("Riga, Latvia") == set()  # not on into ", Can"
 
 
+def test_a_quoted_phrase_copies_on_to_its_closing_quote() -> None:
+    words = Words()
+    said = "I'd like the dish called 'chicken dish' made 'extra spicy', please. It's 'hot' now"
+    bias = CopyBias(said, 3.0, words)
+    assert bias.next_tokens("chicken") == {words.id(" di")}  # lowercase, but inside the quotes
+    assert bias.next_tokens("chicken dish") == set()  # the closing quote is the model's
+    assert bias.next_tokens("extra") == {words.id(" sp")}
+    assert bias.next_tokens("like") == set()  # "'d like ... '" is no quoted phrase
+    assert bias.next_tokens("It") == set()  # nor "It's 'hot'"
+    # two quotes of a phrase that runs on to the end: never past the source
+    assert CopyBias('say "hello world', 3.0, words).next_tokens("hello") == set()
+
+
+def _closing_boost(source: str, written: str) -> dict[str, float]:
+    """The closing tokens' bias once ``written`` is the value so far of a double-quoted argument."""
+    words = Words()
+    bias = CopyBias(source, 3.0, words)
+    bias.accept(f'{BLOCK}f(city="{written}'.encode())
+    logits = np.zeros(words.id("zzz") + 1, dtype=np.float32)
+    bias.apply(logits)
+    return {t: float(logits[words.id(t)]) for t in ('"', '")', '",', "'", "')")}
+
+
+def test_a_whole_name_or_quoted_phrase_favours_its_closing_quote() -> None:
+    said = "I'm at Bengaluru. The weather in Chennai, Tamil Nadu in fahrenheit?"
+    assert _closing_boost(said, "Chennai, Tamil Nadu") == {'"': 3, '")': 3, '",': 3, "'": 0, "')": 0}
+    assert set(_closing_boost(said, "Chennai, Tamil Nadu, 2022").values()) == {0}  # run on already
+    assert set(_closing_boost(said, "Chennai, Tamil").values()) == {0}  # the copy goes on
+    assert set(_closing_boost(said, "Chenn").values()) == {0}  # not a word's end
+    assert set(_closing_boost(said, "Madras").values()) == {0}  # not the request's
+    # a lowercase phrase ends where the model says; a quoted one at its quote
+    assert set(_closing_boost("verbatim: no onions, extra cheese", "no onions").values()) == {0}
+    assert _closing_boost("the dish called 'chicken dish'", "chicken dish")['")'] == 3
+    assert set(_closing_boost("the dish called 'chicken dish'", "chicken").values()) == {0}
+
+
 def _function(name: str, description: str, **params: str) -> dict[str, object]:
     properties = {p: {"type": "number", "description": d} for p, d in params.items()}
     return {

@@ -11,7 +11,8 @@ here it is a logit bias, applied while the model writes a string literal of its 
 - after that, wherever the value so far occurs in the conversation (from a word's start), the
   token that carries on the conversation's text there gets the bias, while the text goes on
   with a letter or digit, or a space and a capitalised word or a number (and once over a comma
-  and a capitalised word: "Riga, Latvia", not on into "Riga, Latvia, Can"): the model still
+  and a capitalised word: "Riga, Latvia", not on into "Riga, Latvia, Can"), and anywhere up
+  to the closing quote inside a quoted phrase ("the dish called 'chicken dish'"): the model still
   decides where a value ends (the closing quote is never biased), and may write a value that
   is nowhere in the conversation;
 - at a keyword argument's value, a lone quote gets the bias over tokens that open and close a
@@ -70,6 +71,7 @@ class CopyBias:
         functions: Mapping[str, Sequence[Param]] | None = None,
     ) -> None:
         self.source = source[-MAX_SOURCE:]
+        self._quoted = [m.span(2) for m in _QUOTED.finditer(self.source)]
         self._params = functions or {}
         said = _words(self.source)
         self.asked = _asked(said, self._params)
@@ -89,6 +91,7 @@ class CopyBias:
         self._starts: set[int] | None = None
         self._quote_tokens: list[int] | None = None
         self._fence_tokens: list[int] | None = None
+        self._closer_tokens: dict[str, list[int]] = {}
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self._tracker = ProgramTracker()
         self.boosted = 0  # steps at which some token was boosted
@@ -115,6 +118,24 @@ class CopyBias:
         if tokens:
             logits[sorted(tokens)] += self.bias
             self.boosted += 1
+        elif self._copied_whole(partial):
+            logits[self._closers(self._tracker.quote)] += self.bias
+            self.boosted += 1
+
+    def _copied_whole(self, partial: str) -> bool:
+        """Whether ``partial`` is a whole name the request writes (capitalised, from a word's
+        start to a word's end, where the copy stops: "Chennai, Tamil Nadu" of "... in Chennai,
+        Tamil Nadu in fahrenheit") or a whole quoted phrase: then its closing quote is favoured,
+        not the model's own run-on ("Chennai, Tamil Nadu, 2022-01-01"). A lowercase phrase
+        ("no onions" of "no onions, extra cheese") ends where the model says."""
+        source, at = self.source, self.source.find(partial)
+        while at >= 0:
+            end = at + len(partial)
+            whole = (at == 0 or not source[at - 1].isalnum()) and not source[end : end + 1].isalnum()
+            if whole and (partial[0].isupper() or any(s == at and e == end for s, e in self._quoted)):
+                return True
+            at = source.find(partial, at + 1)
+        return False
 
     def next_tokens(self, partial: str) -> set[int]:
         """The tokens that copy on: at a value's start, the first token of each word of the
@@ -133,8 +154,12 @@ class CopyBias:
         rests: list[str] = []
         while at >= 0 and len(rests) < MAX_PLACES:
             if at == 0 or not (source[at - 1].isalnum() and partial[0].isalnum()):
-                rest = source[at + len(partial) : at + len(partial) + SNIPPET]
-                if rest[:1].isalnum() or (rest[:1] == " " and (rest[1:2].isupper() or rest[1:2].isdigit())):
+                end = at + len(partial)
+                rest = source[end : end + SNIPPET]
+                quote = next((e for s, e in self._quoted if s <= at and end < e), None)
+                if quote is not None:
+                    rests.append(source[end : min(quote, end + SNIPPET)])  # a quoted phrase, whole
+                elif rest[:1].isalnum() or (rest[:1] == " " and (rest[1:2].isupper() or rest[1:2].isdigit())):
                     rests.append(rest)
                 elif rest[:2] == ", " and rest[2:3].isupper() and "," not in partial:
                     rests.append(rest)  # "Riga, Latvia", once: not on into "Riga, Latvia, Can"
@@ -213,6 +238,13 @@ class CopyBias:
             self._comma_tokens = (sorted({t[0] for t in single}), sorted(starts))
         return self._comma_tokens
 
+    def _closers(self, quote: str) -> list[int]:
+        """Tokens that close a string opened with ``quote``, alone or with what usually follows."""
+        if quote not in self._closer_tokens:
+            tokens = (self._tokenize(quote + after) for after in ("", ")", ",", ", ", "))", ")\n"))
+            self._closer_tokens[quote] = sorted({t[0] for t in tokens if len(t) == 1})
+        return self._closer_tokens[quote]
+
     def _fences(self) -> list[int]:
         if self._fence_tokens is None:
             self._fence_tokens = sorted({t[0] for t in map(self._tokenize, ("```", "``", "`")) if t})
@@ -247,6 +279,13 @@ def _word_starts(source: str) -> list[int]:
 # a number as a request writes it: "200,000" is one (a program writes 200000), "$1M" is none of
 # the program's (a magnitude follows), "3m" and "4C" are 3 and 4 (units)
 _NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d.,]\d|[KMBk]\b)")
+
+
+# a quoted phrase: its text (group 2) between a quote after no letter and one before none ("the
+# dish called 'chicken dish'", not the "'d like ... '" of "I'd like ... 'chicken")
+_QUOTED = re.compile(
+    r"(?<!\w)(['\"\u2018\u201c])(\S[^'\"\u2019\u201d\n]{0,78}?)(?<=\S)(['\"\u2019\u201d])(?!\w)"
+)
 
 
 def _as_number(text: str) -> float | None:

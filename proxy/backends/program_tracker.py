@@ -55,6 +55,11 @@ class ProgramTracker:
         return "".join(self._value)
 
     @property
+    def quote(self) -> str:
+        """The quote that will close the argument string ``value`` is the text of ("" if none)."""
+        return self._quote if self.value is not None else ""
+
+    @property
     def at_value(self) -> bool:
         """Whether the next token is a keyword argument's value (just after ``=``), which may
         open a string. Not after ``(``: ``print(`` goes on with a call as often as a string."""
