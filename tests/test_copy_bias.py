@@ -310,6 +310,10 @@ def test_a_quoted_phrase_copies_on_to_its_closing_quote() -> None:
     assert bias.next_tokens("It") == set()  # nor "It's 'hot'"
     # two quotes of a phrase that runs on to the end: never past the source
     assert CopyBias('say "hello world', 3.0, words).next_tokens("hello") == set()
+    bias.accept(f'{BLOCK}f(food="chicken'.encode())
+    logits = np.zeros(words.id("zzz") + 1, dtype=np.float32)
+    bias.apply(logits)
+    assert logits[words.id(" di")] == 6.0  # twice the bias: a quoted phrase is a name
 
 
 def _closing_boost(source: str, written: str) -> dict[str, float]:

@@ -12,9 +12,10 @@ here it is a logit bias, applied while the model writes a string literal of its 
   token that carries on the conversation's text there gets the bias, while the text goes on
   with a letter or digit, or a space and a capitalised word or a number (and once over a comma
   and a capitalised word: "Riga, Latvia", not on into "Riga, Latvia, Can"), and anywhere up
-  to the closing quote inside a quoted phrase ("the dish called 'chicken dish'"): the model still
-  decides where a value ends (the closing quote is never biased), and may write a value that
-  is nowhere in the conversation;
+  to the closing quote inside a quoted phrase, with twice the bias ("the dish called 'chicken
+  dish'"); the model decides where a value ends, and may write a value that is nowhere in the
+  conversation, but a value that is a whole capitalised name of the request ("Chennai, Tamil
+  Nadu") or a whole quoted phrase favours its closing quote;
 - at a keyword argument's value, a lone quote gets the bias over tokens that open and close a
   string at once (``""``, ``",``): SmolLM2 writes ``special=""`` for "who has black as their special
   request" otherwise.
@@ -114,9 +115,9 @@ class CopyBias:
             elif self.asked:
                 self._calls(logits)
             return
-        tokens = self.next_tokens(partial)
-        if tokens:
-            logits[sorted(tokens)] += self.bias
+        tokens, quoted = self._continuations(partial)
+        if tokens:  # twice the bias in a quoted phrase: "chicken" is a word, 'chicken dish' a name
+            logits[sorted(tokens)] += self.bias * (2 if quoted else 1)
             self.boosted += 1
         elif self._copied_whole(partial):
             logits[self._closers(self._tracker.quote)] += self.bias
@@ -138,20 +139,25 @@ class CopyBias:
         return False
 
     def next_tokens(self, partial: str) -> set[int]:
+        return self._continuations(partial)[0]
+
+    def _continuations(self, partial: str) -> tuple[set[int], bool]:
         """The tokens that copy on: at a value's start, the first token of each word of the
         source; after that, the next token of the source after each place ``partial`` occurs
         (from a word's start), while the source goes on there with a letter or digit, or with a
         space and a capitalised word or a number ("Tel Aviv", "Flight 12"); not over punctuation
         or into a lowercase word ("Seattle to Boston"): whether a value runs on there is the
-        model's own choice."""
+        model's own choice. Inside a quoted phrase, anything up to its closing quote goes on
+        (and the second value says the copy is in one)."""
         if not partial:
             if self._starts is None:
                 self._starts = self._first_tokens(
                     self.source[at : at + SNIPPET] for at in _word_starts(self.source)
                 )
-            return self._starts
+            return self._starts, False
         source, at = self.source, self.source.find(partial)
         rests: list[str] = []
+        quoted = False
         while at >= 0 and len(rests) < MAX_PLACES:
             if at == 0 or not (source[at - 1].isalnum() and partial[0].isalnum()):
                 end = at + len(partial)
@@ -159,12 +165,13 @@ class CopyBias:
                 quote = next((e for s, e in self._quoted if s <= at and end < e), None)
                 if quote is not None:
                     rests.append(source[end : min(quote, end + SNIPPET)])  # a quoted phrase, whole
+                    quoted = True
                 elif rest[:1].isalnum() or (rest[:1] == " " and (rest[1:2].isupper() or rest[1:2].isdigit())):
                     rests.append(rest)
                 elif rest[:2] == ", " and rest[2:3].isupper() and "," not in partial:
                     rests.append(rest)  # "Riga, Latvia", once: not on into "Riga, Latvia, Can"
             at = source.find(partial, at + 1)
-        return self._first_tokens(rests)
+        return self._first_tokens(rests), quoted
 
     def _calls(self, logits: np.ndarray) -> None:
         """Functions the request names (``asked``) that the program has not called, nor
