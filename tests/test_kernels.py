@@ -485,7 +485,7 @@ async def test_gateway_kernels_back_channel_and_limits(
         )
         assert [c.arguments for c in calls] == [{"city": "a"}, {"city": "b"}]
         assert done.output.stdout == "['A', 'B'] False\n"
-        looped = await run_to_end(kernel, "while True:\n    pass")  # interrupted over REST
+        looped = await run_to_end(kernel, "while True:\n    pass")  # interrupted on the control channel
         assert looped.output.error is not None and looped.output.error.ename == "TimeoutError"
         await pool.release(kernel)
     assert len(provider.started_ids) >= 2
