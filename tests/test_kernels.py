@@ -503,7 +503,7 @@ async def main():
     sandbox = Bubblewrap.find() if sys.argv[1] == "bwrap" else None
     provider = LocalKernelProvider(sandbox=sandbox, start=sys.argv[2], network=False)
     kernels = [await provider.start_kernel() for _ in range(2)]
-    print("ready", flush=True)
+    print("ready", provider.root, provider.runtime, flush=True)
     await asyncio.sleep(3600)
 
 asyncio.run(main())
@@ -540,7 +540,7 @@ def running(pid: int) -> bool:
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_no_kernel_outlives_a_killed_proxy(sandbox: Bubblewrap | None, start: str) -> None:
     """SIGKILL to the process holding kernels (no cleanup runs): its fork server, kernels and
-    sandboxes all go with it."""
+    sandboxes all go with it, and the next provider removes the directories it left."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, "bwrap" if sandbox else "none", start],
         cwd=Path(__file__).resolve().parents[1],
@@ -548,7 +548,9 @@ def test_no_kernel_outlives_a_killed_proxy(sandbox: Bubblewrap | None, start: st
         start_new_session=False,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        assert proc.stdout is not None
+        ready, root, runtime = proc.stdout.readline().decode().split()
+        assert ready == "ready" and Path(root, "work").is_dir() and Path(runtime).is_dir()
         below = descendants(proc.pid)
         # two kernels: processes (a fork server, keepers, kernels, sandboxes) well beyond one
         assert len(below) >= 2
@@ -558,6 +560,9 @@ def test_no_kernel_outlives_a_killed_proxy(sandbox: Bubblewrap | None, start: st
         while any(running(pid) for pid in below) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [pid for pid in below if running(pid)] == []
+        provider = LocalKernelProvider(start="spawn")
+        asyncio.run(provider.aclose())
+        assert not Path(root).exists() and not Path(runtime).exists()
     finally:
         if proc.poll() is None:
             proc.kill()
