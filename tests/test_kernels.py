@@ -276,6 +276,19 @@ async def test_late_interrupt_does_not_reach_the_next_cell(sandbox: Bubblewrap |
         await pool.release(kernel)
 
 
+async def test_a_cell_the_kernel_aborts_is_an_error(sandbox: Bubblewrap | None) -> None:
+    """ipykernel does not run a request queued behind one that failed (stop_on_error); its
+    reply says ``aborted``, which must not read as a cell that ran and printed nothing."""
+    async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
+        kernel = await pool.acquire("s")
+        await kernel.connection.execute("import time\ntime.sleep(0.5)\n1/0")  # not waited for
+        aborted = await run_to_end(kernel, "print(1)")
+        assert aborted.output.stdout == ""
+        assert aborted.output.error is not None and aborted.output.error.ename == "CellAborted"
+        assert (await run_to_end(kernel, "print(2)")).output.stdout == "2\n"  # the kernel goes on
+        await pool.release(kernel)
+
+
 async def test_cell_that_kills_its_kernel(sandbox: Bubblewrap | None) -> None:
     async with local_pool(sandbox, min_idle=1, max_total=2) as (pool, _):
         kernel = await pool.acquire("s")
