@@ -72,7 +72,12 @@ class CopyBias:
         functions: Mapping[str, Sequence[Param]] | None = None,
     ) -> None:
         self.source = source[-MAX_SOURCE:]
-        self._quoted = [m.span(2) for m in _QUOTED.finditer(self.source)]
+        # quoted phrases: where each starts -> where it ends, and for every position inside
+        # one, where it ends (0 outside): looked up at every token, never searched
+        self._quoted = dict(m.span(2) for m in _QUOTED.finditer(self.source))
+        self._quote_end = [0] * len(self.source)
+        for start, end in self._quoted.items():
+            self._quote_end[start:end] = [end] * (end - start)
         self._params = functions or {}
         said = _words(self.source)
         self.asked = _asked(said, self._params)
@@ -133,7 +138,7 @@ class CopyBias:
         while at >= 0:
             end = at + len(partial)
             whole = (at == 0 or not source[at - 1].isalnum()) and not source[end : end + 1].isalnum()
-            if whole and (partial[0].isupper() or any(s == at and e == end for s, e in self._quoted)):
+            if whole and (partial[0].isupper() or self._quoted.get(at) == end):
                 return True
             at = source.find(partial, at + 1)
         return False
@@ -162,8 +167,8 @@ class CopyBias:
             if at == 0 or not (source[at - 1].isalnum() and partial[0].isalnum()):
                 end = at + len(partial)
                 rest = source[end : end + SNIPPET]
-                quote = next((e for s, e in self._quoted if s <= at and end < e), None)
-                if quote is not None:
+                quote = self._quote_end[at]
+                if end < quote:
                     rests.append(source[end : min(quote, end + SNIPPET)])  # a quoted phrase, whole
                     quoted = True
                 elif rest[:1].isalnum() or (rest[:1] == " " and (rest[1:2].isupper() or rest[1:2].isdigit())):
