@@ -316,6 +316,20 @@ def test_a_quoted_phrase_copies_on_to_its_closing_quote() -> None:
     assert logits[words.id(" di")] == 6.0  # twice the bias: a quoted phrase is a name
 
 
+def test_odd_sources_cost_little_and_break_nothing() -> None:
+    words = Words()
+    logits = np.zeros(words.id("zzz") + 1, dtype=np.float32)
+    bias = CopyBias("?? !!", 3.0, words)  # no word at all: nothing to start a value with
+    bias.accept(f'{BLOCK}f(x="'.encode())
+    bias.apply(logits)
+    assert not logits[words.id('"')]
+    # a value a long tool result repeats: the places looked at are the latest ones
+    repeated = CopyBias("alpha, " * 300 + "and the star alpha Centauri", 3.0, words)
+    assert repeated.next_tokens("alpha") == {words.id(" Ce")}
+    # quotes of two kinds make no phrase
+    assert CopyBias("""say "hello' now""", 3.0, words)._quoted_texts == set()
+
+
 def _closing_boost(source: str, written: str) -> dict[str, float]:
     """The closing tokens' bias once ``written`` is the value so far of a double-quoted argument."""
     words = Words()

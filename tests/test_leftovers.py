@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from proxy.kernels import leftovers
 
 
@@ -32,6 +34,7 @@ def _dead_process() -> tuple[int, int]:
 
 def test_only_directories_of_a_gone_owner_in_this_namespace_are_removed(tmp_path: Path) -> None:
     ns = leftovers._namespace()
+    assert ns is not None
     pid, started = _dead_process()
     me = os.getpid()
     dead = _made(tmp_path, "cablectl-kernels-dead", f"{pid} {started} {ns}")
@@ -41,10 +44,14 @@ def test_only_directories_of_a_gone_owner_in_this_namespace_are_removed(tmp_path
     unmarked = _made(tmp_path, "cablectl-kernels-new", None)
     garbage = _made(tmp_path, "cablectl-kernels-garbage", "not an owner")
     other = _made(tmp_path, "something-else", f"{pid} {started} {ns}")
+    # a link by a matching name to a dead owner's directory: never followed
+    target = _made(tmp_path, "target", f"{pid} {started} {ns}")
+    (tmp_path / "cablectl-kernels-link").symlink_to(target)
     assert sorted(leftovers.sweep(tmp_path, "cablectl-kernels-")) == sorted([dead, reused])
     assert not dead.exists() and not reused.exists()
-    for kept in (alive, elsewhere, unmarked, garbage, other):
+    for kept in (alive, elsewhere, unmarked, garbage, other, target, tmp_path / "cablectl-kernels-link"):
         assert kept.is_dir()
+    assert (target / "work").stat().st_mode & 0o777 == 0o300  # untouched
 
 
 def test_mark_names_this_process(tmp_path: Path) -> None:
@@ -52,3 +59,14 @@ def test_mark_names_this_process(tmp_path: Path) -> None:
     pid, started, ns = (int(x) for x in (tmp_path / leftovers.OWNER).read_text().split())
     assert (pid, started, ns) == (os.getpid(), leftovers._started(os.getpid()), leftovers._namespace())
     assert leftovers.sweep(tmp_path.parent, tmp_path.name) == []  # alive: kept
+
+
+def test_no_proc_of_our_own_means_no_mark_and_no_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc of another PID namespace (a host's, seen from a container): ids there are not ours."""
+    monkeypatch.setattr(os, "readlink", lambda path: "1")
+    leftovers.mark(tmp_path)
+    assert not (tmp_path / leftovers.OWNER).exists()
+    dead = _made(tmp_path, "cablectl-kernels-x", "1 1 1")
+    assert leftovers.sweep(tmp_path, "cablectl-kernels-") == [] and dead.is_dir()

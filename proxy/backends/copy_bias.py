@@ -45,7 +45,7 @@ from __future__ import annotations
 import codecs
 import collections
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -57,6 +57,7 @@ __all__ = ["CopyBias"]
 MAX_SOURCE = 32_000  # characters of the conversation's end looked at
 MAX_WORDS = 4_000  # word starts looked at (the last ones)
 MAX_PLACES = 32  # places a partial value is continued from
+MAX_SCANNED = 4 * MAX_PLACES  # places a partial value is looked at, the latest first
 SNIPPET = 24  # characters tokenized to find the next token of the source
 
 
@@ -74,7 +75,8 @@ class CopyBias:
         self.source = source[-MAX_SOURCE:]
         # quoted phrases: where each starts -> where it ends, and for every position inside
         # one, where it ends (0 outside): looked up at every token, never searched
-        self._quoted = dict(m.span(2) for m in _QUOTED.finditer(self.source))
+        self._quoted = dict(m.span(m.lastindex or 0) for m in _QUOTED.finditer(self.source))
+        self._quoted_texts = {self.source[start:end] for start, end in self._quoted.items()}
         self._quote_end = [0] * len(self.source)
         for start, end in self._quoted.items():
             self._quote_end[start:end] = [end] * (end - start)
@@ -124,7 +126,7 @@ class CopyBias:
         if tokens:  # twice the bias in a quoted phrase: "chicken" is a word, 'chicken dish' a name
             logits[sorted(tokens)] += self.bias * (2 if quoted else 1)
             self.boosted += 1
-        elif self._copied_whole(partial):
+        elif partial and self._copied_whole(partial):
             logits[self._closers(self._tracker.quote)] += self.bias
             self.boosted += 1
 
@@ -134,14 +136,26 @@ class CopyBias:
         Tamil Nadu in fahrenheit") or a whole quoted phrase: then its closing quote is favoured,
         not the model's own run-on ("Chennai, Tamil Nadu, 2022-01-01"). A lowercase phrase
         ("no onions" of "no onions, extra cheese") ends where the model says."""
-        source, at = self.source, self.source.find(partial)
-        while at >= 0:
+        if partial in self._quoted_texts:
+            return True
+        if not partial[:1].isupper():
+            return False
+        source = self.source
+        for at in self._places(partial):
             end = at + len(partial)
-            whole = (at == 0 or not source[at - 1].isalnum()) and not source[end : end + 1].isalnum()
-            if whole and (partial[0].isupper() or self._quoted.get(at) == end):
+            if (at == 0 or not source[at - 1].isalnum()) and not source[end : end + 1].isalnum():
                 return True
-            at = source.find(partial, at + 1)
         return False
+
+    def _places(self, partial: str) -> Iterator[int]:
+        """Where ``partial`` occurs in the source, the latest first, at most ``MAX_SCANNED``
+        places (a long tool result that repeats a short value must not cost every token)."""
+        at = self.source.rfind(partial)
+        for _ in range(MAX_SCANNED):
+            if at < 0:
+                return
+            yield at
+            at = self.source.rfind(partial, 0, at + len(partial) - 1) if at > 0 else -1
 
     def next_tokens(self, partial: str) -> set[int]:
         return self._continuations(partial)[0]
@@ -160,10 +174,12 @@ class CopyBias:
                     self.source[at : at + SNIPPET] for at in _word_starts(self.source)
                 )
             return self._starts, False
-        source, at = self.source, self.source.find(partial)
+        source = self.source
         rests: list[str] = []
         quoted = False
-        while at >= 0 and len(rests) < MAX_PLACES:
+        for at in self._places(partial):
+            if len(rests) >= MAX_PLACES:
+                break
             if at == 0 or not (source[at - 1].isalnum() and partial[0].isalnum()):
                 end = at + len(partial)
                 rest = source[end : end + SNIPPET]
@@ -175,7 +191,6 @@ class CopyBias:
                     rests.append(rest)
                 elif rest[:2] == ", " and rest[2:3].isupper() and "," not in partial:
                     rests.append(rest)  # "Riga, Latvia", once: not on into "Riga, Latvia, Can"
-            at = source.find(partial, at + 1)
         return self._first_tokens(rests), quoted
 
     def _calls(self, logits: np.ndarray) -> None:
@@ -293,10 +308,12 @@ def _word_starts(source: str) -> list[int]:
 _NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d.,]\d|[KMBk]\b)")
 
 
-# a quoted phrase: its text (group 2) between a quote after no letter and one before none ("the
-# dish called 'chicken dish'", not the "'d like ... '" of "I'd like ... 'chicken")
+# a quoted phrase: its text (the group that matched) between a quote after no letter and the same
+# kind of quote before none ("the dish called 'chicken dish'", not the "'d like ... '" of "I'd
+# like ... 'chicken", nor "hello' of "hello')
 _QUOTED = re.compile(
-    r"(?<!\w)(['\"\u2018\u201c])(\S[^'\"\u2019\u201d\n]{0,78}?)(?<=\S)(['\"\u2019\u201d])(?!\w)"
+    r"(?<!\w)(?:'(\S[^'\n]{0,78}?)(?<=\S)'|\"(\S[^\"\n]{0,78}?)(?<=\S)\""
+    r"|\u2018(\S[^\u2019\n]{0,78}?)(?<=\S)\u2019|\u201c(\S[^\u201d\n]{0,78}?)(?<=\S)\u201d)(?!\w)"
 )
 
 

@@ -70,6 +70,7 @@ class CellRun:
         self._interrupted: str | None = None
         self._interrupted_at = 0.0
         self._interrupt_id: str | None = None  # an interrupt request not answered yet
+        self._by_message = False  # the interrupt was a request (answered on the control channel)
         self.dead = False
 
     @property
@@ -157,19 +158,17 @@ class CellRun:
                         limit = 10 * self.limits.max_output_chars
                         await self._interrupt(f"the cell printed more than {limit} characters", elapsed)
                 elif elapsed > self._interrupted_at + self.limits.grace:
-                    if self._idle and self._interrupt_id is None:
-                        # the interrupt landed outside the program, where ipykernel drops
-                        # the request's reply; the kernel is idle and well
+                    if self._idle and (self._replied or self._interrupt_id is None):
+                        # the interrupt landed outside the program, where ipykernel drops the
+                        # request's reply; or the kernel never answers interrupt requests (not
+                        # an ipykernel, or a gateway that does not pass them) and the cell
+                        # ended by itself: either way the kernel is idle and well
                         break
                     self.dead = True
-                    seen = ", ".join(
-                        f"{what} {'seen' if flag else 'not seen'}"
-                        for what, flag in (
-                            ("reply", self._replied),
-                            ("idle", self._idle),
-                            ("interrupt reply", self._interrupt_id is None),
-                        )
-                    )
+                    flags = [("reply", self._replied), ("idle", self._idle)]
+                    if self._by_message:
+                        flags.append(("interrupt reply", self._interrupt_id is None))
+                    seen = ", ".join(f"{what} {'seen' if flag else 'not seen'}" for what, flag in flags)
                     raise KernelDied(
                         f"{self._interrupted}, and the kernel did not stop when interrupted ({seen})"
                     )
@@ -212,6 +211,7 @@ class CellRun:
         self._interrupted = why
         self._interrupted_at = at
         self._interrupt_id = await self.kernel.interrupt()
+        self._by_message = self._interrupt_id is not None
 
     def _finish(self) -> CellOutput:
         self.output.duration_ms = self._used * 1000

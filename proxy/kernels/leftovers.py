@@ -27,19 +27,33 @@ def _started(pid: int) -> int | None:
     """The process's start time (clock ticks since boot), None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of stat: starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _namespace() -> int | None:
+    """This process's PID namespace, when /proc is this namespace's own (not a host's /proc
+    seen from inside a container, where process ids would name other processes); else None."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of stat: starttime
-
-
-def _namespace() -> int:
-    return os.stat("/proc/self/ns/pid").st_ino
 
 
 def mark(directory: Path) -> None:
-    """Say that this process made ``directory`` (and will remove it unless it is killed)."""
-    pid = os.getpid()
-    (directory / OWNER).write_text(f"{pid} {_started(pid)} {_namespace()}\n")
+    """Say that this process made ``directory`` (and will remove it unless it is killed).
+    Best effort: with no /proc of our own, nothing is written and nothing will be swept."""
+    pid, namespace = os.getpid(), _namespace()
+    started = _started(pid)
+    if namespace is None or started is None:
+        return
+    try:
+        (directory / OWNER).write_text(f"{pid} {started} {namespace}\n")
+    except OSError as exc:
+        log.warning("could not mark %s as this proxy's: %s", directory, exc)
 
 
 def _abandoned(directory: Path, namespace: int) -> bool:
@@ -50,28 +64,37 @@ def _abandoned(directory: Path, namespace: int) -> bool:
     return ns == namespace and _started(pid) != started
 
 
+def _remove(directory: Path) -> bool:
+    """Remove a killed provider's directory (its kernels' working directories are not
+    listable: made so again first); never through a symbolic link."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(entry.path, 0o700)
+    shutil.rmtree(directory, ignore_errors=True)
+    return not os.path.lexists(directory)
+
+
 def sweep(parent: Path, prefix: str) -> list[Path]:
-    """Remove the directories ``parent/prefix*`` whose owner is gone; the ones removed."""
-    if not Path("/proc/self/ns/pid").exists():
-        return []
+    """Remove the directories ``parent/prefix*`` whose owner is gone; the ones removed. Never
+    raises: a directory it cannot judge or remove is left."""
     namespace = _namespace()
-    try:
-        candidates = [d for d in parent.iterdir() if d.name.startswith(prefix) and d.is_dir()]
-    except OSError:
+    if namespace is None:
         return []
     removed = []
+    try:
+        with os.scandir(parent) as entries:
+            candidates = [
+                Path(e.path) for e in entries if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return []
     for directory in candidates:
-        if not _abandoned(directory, namespace):
-            continue
-        try:  # the kernels' working directories are not listable: made so again first
-            for child in directory.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    child.chmod(0o700)
-        except OSError:
-            pass
-        shutil.rmtree(directory, ignore_errors=True)
-        if not directory.exists():
-            removed.append(directory)
+        try:
+            if _abandoned(directory, namespace) and _remove(directory):
+                removed.append(directory)
+        except OSError as exc:
+            log.debug("left %s: %s", directory, exc)
     if removed:
         log.info("removed %d directories of kernel providers that were killed: %s", len(removed), removed)
     return removed
