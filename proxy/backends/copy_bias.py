@@ -73,12 +73,12 @@ class CopyBias:
         functions: Mapping[str, Sequence[Param]] | None = None,
     ) -> None:
         self.source = source[-MAX_SOURCE:]
-        # quoted phrases: where each starts -> where it ends, and for every position inside
-        # one, where it ends (0 outside): looked up at every token, never searched
-        self._quoted = dict(m.span(m.lastindex or 0) for m in _QUOTED.finditer(self.source))
-        self._quoted_texts = {self.source[start:end] for start, end in self._quoted.items()}
+        # quoted phrases: their texts, and for every position inside one, where it ends (0
+        # outside): looked up at every token, never searched
+        quoted = [m.span(m.lastindex or 0) for m in _QUOTED.finditer(self.source)]
+        self._quoted_texts = {self.source[start:end] for start, end in quoted}
         self._quote_end = [0] * len(self.source)
-        for start, end in self._quoted.items():
+        for start, end in quoted:
             self._quote_end[start:end] = [end] * (end - start)
         self._params = functions or {}
         said = _words(self.source)
@@ -126,7 +126,7 @@ class CopyBias:
         if tokens:  # twice the bias in a quoted phrase: "chicken" is a word, 'chicken dish' a name
             logits[sorted(tokens)] += self.bias * (2 if quoted else 1)
             self.boosted += 1
-        elif partial and self._copied_whole(partial):
+        elif self._copied_whole(partial):
             logits[self._closers(self._tracker.quote)] += self.bias
             self.boosted += 1
 

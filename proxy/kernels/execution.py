@@ -189,11 +189,12 @@ class CellRun:
                     self._on_iopub(msg)
                 elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
                     self._replied = True
-                    if (msg.get("content") or {}).get("status") == "aborted":
+                    content = msg.get("content") or {}
+                    if content.get("status") == "aborted":
                         # queued behind a cell that failed (stop_on_error): it never ran
                         why = "the kernel did not run the cell: a cell before it failed"
                         self.output.error = CellError("CellAborted", why, f"CellAborted: {why}")
-                    evaluated = (msg.get("content") or {}).get("user_expressions")
+                    evaluated = content.get("user_expressions")
                     if isinstance(evaluated, dict):
                         self.output.expressions = evaluated
                 elif channel == "stdin":

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["OWNER", "mark", "sweep"]
+__all__ = ["OWNER", "make", "mark", "sweep"]
 
 log = logging.getLogger("cablectl.kernels")
 OWNER = ".owner"
@@ -98,3 +99,13 @@ def sweep(parent: Path, prefix: str) -> list[Path]:
     if removed:
         log.info("removed %d directories of kernel providers that were killed: %s", len(removed), removed)
     return removed
+
+
+def make(prefix: str, parent: Path | None = None) -> Path:
+    """A new directory ``parent/prefix*`` of this process's own (marked), after removing those
+    of killed owners; ``parent``: the temporary directory unless given."""
+    parent = parent or Path(tempfile.gettempdir())
+    sweep(parent, prefix)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    mark(directory)
+    return directory

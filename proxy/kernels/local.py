@@ -37,7 +37,6 @@ import queue
 import secrets
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -396,12 +395,10 @@ class LocalKernelProvider(KernelProvider):
         ``start``: ``fork`` (from a fork server, ``proxy.kernels.forking``) or ``spawn`` (a new
         process each); None or ``auto``: ``START_DEFAULT``."""
         self._own_root = root is None
-        if self._own_root:  # what killed proxies left behind (``proxy.kernels.leftovers``)
-            leftovers.sweep(Path(tempfile.gettempdir()), "cablectl-kernels-")
-        self.root = Path(root or tempfile.mkdtemp(prefix="cablectl-kernels-"))
+        # our own directories go when we do, or with the next provider if we are killed
+        # (``proxy.kernels.leftovers``)
+        self.root = Path(root) if root is not None else leftovers.make("cablectl-kernels-")
         self.root.mkdir(parents=True, exist_ok=True)
-        if self._own_root:
-            leftovers.mark(self.root)
         os.chmod(self.root, 0o700)
         # each kernel's runtime files (connection file, sandbox /etc files, sockets) are made and
         # removed with it: in memory where there is a memory filesystem and the root is our own
@@ -410,11 +407,9 @@ class LocalKernelProvider(KernelProvider):
         self.runtime = self.root / "run"
         self._own_runtime = False
         if self._own_root and MEMORY_FS.is_dir() and os.access(MEMORY_FS, os.W_OK | os.X_OK):
-            leftovers.sweep(MEMORY_FS, "cablectl-run-")
             with contextlib.suppress(OSError):
-                self.runtime = Path(tempfile.mkdtemp(prefix="cablectl-run-", dir=MEMORY_FS))
+                self.runtime = leftovers.make("cablectl-run-", MEMORY_FS)
                 self._own_runtime = True
-                leftovers.mark(self.runtime)
         self.runtime.mkdir(exist_ok=True, mode=0o700)
         self.limits = limits or ResourceLimits()
         self.startup_timeout = startup_timeout
